@@ -1,0 +1,165 @@
+"""Open a base checkpoint without loading it: a single ``.safetensors`` file, a sharded
+checkpoint's ``model.safetensors.index.json``, or a model folder holding either.
+
+``open_checkpoint`` validates every header (bounded by the bytes on disk) and the shard map, and
+returns a ``Checkpoint`` that lists tensors and reads exactly one of them at a time. It never
+unpickles anything (``pytorch_model.bin`` is not read) and never reads a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from neuroada_tools.errors import CheckpointError
+from neuroada_tools.safetensors_io import Header, RawTensor, read_header, read_tensor
+
+INDEX_JSON = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MAX_INDEX_JSON_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of the checkpoint: its file and byte range."""
+
+    file: Path
+    raw: RawTensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.raw.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.raw.dtype
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint. ``tensors`` is sorted by name; ``config`` is config.json or None."""
+
+    root: Path
+    files: list[Path]
+    tensors: dict[str, TensorRef]
+    config: dict | None
+    headers: dict[Path, Header]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor in its stored dtype and shape."""
+        ref = self.tensors[name]
+        return read_tensor(ref.file, ref.raw)
+
+    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.read(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.raw.nbytes for r in self.tensors.values())
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(r.raw.numel for r in self.tensors.values())
+
+
+def resolve_input(path: Path | str) -> tuple[Path, Path]:
+    """Return ``(root folder, entry file)`` for a file, a sharded index or a model folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder")
+    if p.is_dir():
+        for name in (INDEX_JSON, SINGLE):
+            if (p / name).is_file():
+                return p, p / name
+        found = sorted(
+            f for f in p.glob("*.safetensors") if not f.name.endswith((".index.safetensors", ".delta.safetensors"))
+        )
+        if len(found) == 1:
+            return p, found[0]
+        if not found:
+            raise CheckpointError(f"{p}: no {SINGLE}, {INDEX_JSON} or other .safetensors file in the folder")
+        raise CheckpointError(
+            f"{p}: several .safetensors files and no {INDEX_JSON}; pass the file to use"
+        )
+    return p.parent, p
+
+
+def open_checkpoint(path: Path | str) -> Checkpoint:
+    """Open and validate a checkpoint; see the module docstring for accepted forms."""
+    root, entry = resolve_input(path)
+    if entry.name.endswith(".json"):
+        shard_of = _read_shard_map(entry)
+        files = sorted(set(shard_of.values()))
+    else:
+        shard_of = None
+        files = [entry]
+    headers = {f: read_header(f, CheckpointError) for f in files}
+    tensors: dict[str, TensorRef] = {}
+    if shard_of is None:
+        h = headers[entry]
+        for name, raw in h.tensors.items():
+            tensors[name] = TensorRef(entry, raw)
+    else:
+        for name, f in shard_of.items():
+            raw = headers[f].tensors.get(name)
+            if raw is None:
+                raise CheckpointError(f"{entry.name}: tensor {name!r} is mapped to {f.name}, which does not hold it")
+            tensors[name] = TensorRef(f, raw)
+    tensors = dict(sorted(tensors.items()))
+    return Checkpoint(root=root, files=files, tensors=tensors, config=_read_config(root), headers=headers)
+
+
+def _read_shard_map(index_path: Path) -> dict[str, Path]:
+    label = index_path.name
+    if index_path.stat().st_size > MAX_INDEX_JSON_BYTES:
+        raise CheckpointError(f"{label}: larger than 64 MB, not a shard index")
+
+    def no_dupes(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen: dict[str, object] = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ValueError(f"tensor {k!r} listed twice")
+            seen[k] = v
+        return seen
+
+    try:
+        doc = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=no_dupes)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{label}: invalid JSON ({e})") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{label}: no weight_map")
+    root = index_path.parent
+    out: dict[str, Path] = {}
+    checked: dict[str, Path] = {}
+    for name, shard in wm.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{label}: tensor {name!r}: shard must be a file name")
+        if shard not in checked:
+            pp = PurePosixPath(shard)
+            if pp.is_absolute() or "\\" in shard or ".." in pp.parts or shard.startswith("~"):
+                raise CheckpointError(f"{label}: shard path {shard!r} lies outside the model folder")
+            f = root / pp
+            if not f.is_file():
+                raise CheckpointError(f"{label}: shard {shard!r} is missing")
+            checked[shard] = f
+        out[name] = checked[shard]
+    return out
+
+
+def _read_config(root: Path) -> dict | None:
+    cfg = root / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{cfg}: not a JSON object")
+    return doc

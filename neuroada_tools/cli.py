@@ -1,0 +1,159 @@
+"""The ``neuroada-tools`` command line: parse options, call the library, map errors to exit codes.
+
+Exit codes: 0 success, 1 parity check failed, 2 bad input (one line on stderr, no traceback),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from neuroada_tools import __version__
+from neuroada_tools.errors import NeuroAdaError
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NeuroAdaError as e:
+            _fail(str(e), e.exit_code)
+        except OSError as e:  # disk full, permission denied, ...
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _fail(f"{where}{e.strerror or e}", 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(quiet: bool, desc: str, unit: str = "B"):
+    """A tqdm bar on stderr, silent when ``--quiet`` or stderr is not a terminal.
+
+    Yields ``(set_total, advance)`` callables.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=0, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+        file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True,
+    )
+
+    def set_total(n: int) -> None:
+        bar.total = n
+        bar.refresh()
+
+    try:
+        yield set_total, bar.update, bar
+    finally:
+        bar.close()
+
+
+def emit(summary: dict, as_json: bool, human: Callable[[dict], str]) -> None:
+    """Print the final summary: JSON on stdout with ``--json``, else a few human lines."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        click.echo(human(summary))
+
+
+EPILOG_INDEX = """\b
+Example:
+  neuroada-tools index ./Llama-3.2-1B -k 20 -o llama.k20.index.safetensors
+  neuroada-tools index model.safetensors.index.json -k 1 --target q_proj --target v_proj -o qv.index.safetensors
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog="\b\nExample:\n  neuroada-tools index ./my-model -k 20 -o my-model.index.safetensors\n  neuroada-tools <command> --help")
+@click.version_option(__version__, prog_name="neuroada-tools")
+def main() -> None:
+    """NeuroAda sparse fine-tuning: index -> train-sparse -> merge (safetensors / ONNX)."""
+
+
+@main.command("index", epilog=EPILOG_INDEX)
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-k", "k", type=int, default=20, show_default=True, help="Trainable input connections per output neuron.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Index sidecar to write (*.index.safetensors).")
+@click.option("--criterion", type=click.Choice(["magnitude", "random", "smallest"]), default="magnitude", show_default=True,
+              help="magnitude: top-k of |W| per row (the method); random: seeded; smallest: bottom-k (ablation).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for --criterion random (default 0).")
+@click.option("--target", "targets", multiple=True, metavar="PATTERN",
+              help="Adapt these modules instead of the defaults (PEFT target_modules: regex full match or dotted suffix). Repeatable.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="Leave these modules out. Repeatable.")
+@click.option("--clip-k", is_flag=True, help="Use min(k, d_in) for tensors with fewer than k inputs instead of failing.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def index_cmd(model, k, output, criterion, seed, targets, excludes, clip_k, force, as_json, quiet) -> None:
+    """Select the top-k input connections of every output neuron of a safetensors checkpoint.
+
+    MODEL is a .safetensors file, a sharded model.safetensors.index.json, or a model folder.
+    Reads one tensor at a time and writes an index sidecar (formats/index-v1.md).
+    """
+    from neuroada_tools.index import run_index
+
+    if seed is not None and criterion != "random":
+        raise click.UsageError("--seed only applies to --criterion random")
+    with progress_bar(quiet, "index") as (set_total, advance, _):
+        summary = run_index(
+            model, k, output, force=force, criterion=criterion, seed=seed, include=targets,
+            exclude=excludes, clip_k=clip_k, progress_total=set_total, progress=advance,
+        )
+    emit(summary.to_dict(), as_json, _human_index)
+
+
+def _human_index(s: dict) -> str:
+    lines = [
+        f"wrote {s['output']}",
+        f"  tensors adapted:      {s['tensors_adapted']}",
+        f"  trainable parameters: {s['trainable_parameters']:,} of {s['model_parameters']:,} "
+        f"({100 * s['trainable_share']:.4f}%)",
+        f"  k={s['k']}, criterion={s['criterion']}, sha256={s['sha256'][:16]}...",
+    ]
+    if s["clipped"]:
+        lines.append(f"  k clipped to d_in for {len(s['clipped'])} tensors")
+    return "\n".join(lines)
+
+
+def _register_optional(name: str, module: str) -> None:
+    """Commands whose modules land in later issues register themselves here when present."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                      epilog=f"\b\nExample:\n  neuroada-tools {name} --help")
+        def placeholder() -> None:
+            """(not yet available in this release)"""
+            _fail(f"'{name}' is not yet available in this release", 2)
+
+        return
+    main.add_command(importlib.import_module(module).command, name)
+
+
+_register_optional("train-sparse", "neuroada_tools.cli_train")
+_register_optional("merge", "neuroada_tools.cli_merge")
+_register_optional("check", "neuroada_tools.cli_check")
+_register_optional("demo", "neuroada_tools.cli_demo")
+
+
+if __name__ == "__main__":
+    main()

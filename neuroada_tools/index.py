@@ -1,0 +1,152 @@
+"""``index``: stream a checkpoint one tensor at a time and build the index sidecar.
+
+For each target weight: read its bytes (one copy, no mmap of the shard), view it in logical
+``(out, in)`` orientation (a transposed view for Conv1D, no copy), select k columns per row
+(``select.py``), fingerprint it (``sidecar.fingerprint``), drop it. Peak memory is the largest
+target tensor plus the int32 key buffer of one 256-row chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from neuroada_tools.checkpoint import Checkpoint, open_checkpoint
+from neuroada_tools.errors import TargetError
+from neuroada_tools.safetensors_io import atomic_file, check_output
+from neuroada_tools.select import CRITERIA, select
+from neuroada_tools.sidecar import IndexSidecar, TensorEntry, fingerprint, write_index
+from neuroada_tools.targets import Target, resolve_targets
+
+Progress = Callable[[int], None]  # called with the number of bytes just processed
+
+
+@dataclass
+class IndexSummary:
+    """What ``index`` did, for the human summary and ``--json``."""
+
+    output: str
+    sha256: str
+    k: int
+    criterion: str
+    tensors_adapted: int
+    trainable_parameters: int
+    model_parameters: int
+    trainable_share: float
+    bytes_indexed: int
+    clipped: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(
+    ckpt: Checkpoint, k: int, *, include=(), exclude=(), clip_k: bool = False
+) -> tuple[list[Target], dict[str, int], list[str]]:
+    """Resolve targets and the per-tensor k; raise ``TargetError`` when k doesn't fit."""
+    if k < 1:
+        raise TargetError(f"-k must be >= 1, got {k}")
+    targets = resolve_targets(ckpt, include, exclude)
+    ks: dict[str, int] = {}
+    clipped: list[str] = []
+    for t in targets:
+        if k > t.d_in:
+            if not clip_k:
+                raise TargetError(
+                    f"{t.name!r}: k={k} exceeds its {t.d_in} input connections (d_in); "
+                    "lower -k or pass --clip-k"
+                )
+            clipped.append(t.name)
+        ks[t.name] = min(k, t.d_in)
+    return targets, ks, clipped
+
+
+def build_index(
+    model: Path | str,
+    k: int,
+    *,
+    criterion: str = "magnitude",
+    seed: int | None = None,
+    include: tuple[str, ...] | list[str] = (),
+    exclude: tuple[str, ...] | list[str] = (),
+    clip_k: bool = False,
+) -> IndexSidecar:
+    """Build the index for ``model`` in memory (indices are small: d_out * k int32 per tensor)."""
+    ckpt = open_checkpoint(model)
+    targets, ks, _ = plan(ckpt, k, include=include, exclude=exclude, clip_k=clip_k)
+    return _build(ckpt, targets, ks, k, criterion, seed)
+
+
+def _build(
+    ckpt: Checkpoint,
+    targets: list[Target],
+    ks: dict[str, int],
+    k: int,
+    criterion: str,
+    seed: int | None,
+    progress: Progress | None = None,
+) -> IndexSidecar:
+    if criterion not in CRITERIA:
+        raise TargetError(f"unknown criterion {criterion!r} (choose {', '.join(CRITERIA)})")
+    if criterion == "random" and seed is None:
+        seed = 0
+    indices = {}
+    entries = {}
+    for t in targets:
+        stored = ckpt.read(t.name)
+        logical = stored.t() if t.transposed else stored
+        idx = select(logical, ks[t.name], criterion, seed=seed, salt=t.name)
+        indices[t.name] = idx
+        entries[t.name] = TensorEntry((t.d_out, t.d_in), t.layout, ckpt.tensors[t.name].dtype, fingerprint(logical, idx))
+        del stored, logical
+        if progress:
+            progress(ckpt.tensors[t.name].raw.nbytes)
+    return IndexSidecar(
+        k=k,
+        criterion=criterion,
+        indices=indices,
+        entries=entries,
+        seed=seed if criterion == "random" else None,
+        model_type=str((ckpt.config or {}).get("model_type", "")),
+    )
+
+
+def run_index(
+    model: Path | str,
+    k: int,
+    output: Path | str,
+    *,
+    force: bool = False,
+    criterion: str = "magnitude",
+    seed: int | None = None,
+    include=(),
+    exclude=(),
+    clip_k: bool = False,
+    progress_total=None,
+    progress: Progress | None = None,
+) -> IndexSummary:
+    """Build the index and write it atomically to ``output``."""
+    output = Path(output)
+    ckpt = open_checkpoint(model)
+    check_output(output, force, inputs=list(ckpt.files) + [ckpt.root / "config.json"])
+    targets, ks, clipped = plan(ckpt, k, include=include, exclude=exclude, clip_k=clip_k)
+    if progress_total:
+        progress_total(sum(ckpt.tensors[t.name].raw.nbytes for t in targets))
+    index = _build(ckpt, targets, ks, k, criterion, seed, progress)
+    with atomic_file(output) as tmp:
+        digest = write_index(tmp, index)
+    trainable = index.trainable_parameters()
+    total = ckpt.total_parameters
+    return IndexSummary(
+        output=str(output),
+        sha256=digest,
+        k=k,
+        criterion=criterion,
+        tensors_adapted=len(index.indices),
+        trainable_parameters=trainable,
+        model_parameters=total,
+        trainable_share=trainable / total if total else 0.0,
+        bytes_indexed=sum(ckpt.tensors[n].raw.nbytes for n in index.indices),
+        clipped=clipped,
+    )

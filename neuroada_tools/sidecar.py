@@ -1,0 +1,344 @@
+"""The only module that knows the sidecar formats (formats/index-v1.md, formats/delta-v1.md).
+
+An index sidecar holds, per adapted base tensor, the int32 ``[d_out, k]`` columns each output
+neuron trains, plus the base's fingerprints. A delta sidecar holds the fp32 ``[d_out, k]`` trained
+values under the same names, dense task-head tensors under ``dense.``, and the SHA-256 of the index
+file it was trained against. Both are safetensors files; ``read_index``/``read_delta`` enforce every
+MUST of the specs and raise ``SidecarError`` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from neuroada_tools import __version__
+from neuroada_tools.errors import FingerprintError, SidecarError
+from neuroada_tools.safetensors_io import read_all, read_header, write_file
+from neuroada_tools.select import CRITERIA
+
+INDEX_MAGIC = "neuroada-index"
+DELTA_MAGIC = "neuroada-delta"
+FORMAT_VERSION = 1
+DENSE_PREFIX = "dense."
+LAYOUTS = ("out_in", "in_out")
+FINGERPRINT_ROWS = 16
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Per-tensor facts an index records about the base weight it was made from."""
+
+    shape: tuple[int, int]  # logical (d_out, d_in)
+    layout: str  # "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D stores the weight transposed)
+    dtype: str  # base dtype, safetensors spelling ("BF16", "F32", ...)
+    fingerprint: str  # see fingerprint()
+
+    @property
+    def transposed(self) -> bool:
+        return self.layout == "in_out"
+
+
+@dataclass
+class IndexSidecar:
+    """An index: ``indices[name]`` is int32 ``[d_out, k_t]``, rows strictly ascending."""
+
+    k: int
+    criterion: str
+    indices: dict[str, torch.Tensor]
+    entries: dict[str, TensorEntry]
+    seed: int | None = None
+    model_type: str = ""
+    digest: str = ""  # SHA-256 of the file bytes; set by read_index / write_index
+
+    def trainable_parameters(self) -> int:
+        return sum(int(t.numel()) for t in self.indices.values())
+
+
+@dataclass
+class DeltaSidecar:
+    """A delta: ``deltas[name]`` fp32 ``[d_out, k_t]``; ``dense[name]`` dense task-model tensors."""
+
+    index_digest: str
+    deltas: dict[str, torch.Tensor]
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    task: str = ""
+    info: dict = field(default_factory=dict)  # free-form provenance (training settings, labels)
+    digest: str = ""
+
+
+def fingerprint(weight: torch.Tensor, indices: torch.Tensor) -> str:
+    """SHA-256 binding a sidecar to the base weight's values, independent of storage dtype.
+
+    ``weight`` is the logical ``[d_out, d_in]`` weight (any float dtype, any strides), ``indices``
+    the index rows. Hashed, in order: ``b"neuroada-fp1\\0"``; ``d_out, d_in`` as little-endian
+    int64; the fp32 bytes of ``FINGERPRINT_ROWS`` evenly spaced rows ``r_i = i * d_out // 16``;
+    the fp32 bytes of the selected values ``W[i, idx[i, j]]`` row by row. The sampled rows catch a
+    different base of the same shape (fine-tuning moves every weight); the selected values catch
+    a base that was already merged with a delta (which changes exactly those). fp32 bytes make a
+    bf16 base and its exact fp32 upcast share fingerprints.
+
+    Example: for ``W = [[1., 2.], [3., 4.]]`` and ``idx = [[1], [0]]`` the hash covers rows 0 and
+    1 (d_out < 16 takes each row once) then the values ``[2., 3.]``.
+    """
+    d_out, d_in = weight.shape
+    h = hashlib.sha256(b"neuroada-fp1\0")
+    h.update(struct.pack("<qq", d_out, d_in))
+    rows = sorted({i * d_out // FINGERPRINT_ROWS for i in range(FINGERPRINT_ROWS)}) if d_out else []
+    sample = weight[rows].to(torch.float32).contiguous()
+    h.update(sample.numpy().tobytes())
+    picked = torch.gather(weight, 1, indices.to(torch.int64)).to(torch.float32).contiguous()
+    h.update(picked.numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_index(path: Path, index: IndexSidecar) -> str:
+    """Write ``index`` to ``path`` (caller handles atomic rename); return and record its digest."""
+    names = sorted(index.indices)
+    meta = {
+        "neuroada.magic": INDEX_MAGIC,
+        "neuroada.version": str(FORMAT_VERSION),
+        "neuroada.k": str(index.k),
+        "neuroada.criterion": index.criterion,
+        "neuroada.seed": "" if index.seed is None else str(index.seed),
+        "neuroada.model_type": index.model_type,
+        "neuroada.tensors": json.dumps(
+            {
+                n: {
+                    "shape": list(index.entries[n].shape),
+                    "layout": index.entries[n].layout,
+                    "dtype": index.entries[n].dtype,
+                    "fingerprint": index.entries[n].fingerprint,
+                }
+                for n in names
+            },
+            separators=(",", ":"),
+        ),
+        "neuroada.writer": f"neuroada-tools {__version__}",
+    }
+    write_file(path, {n: index.indices[n].to(torch.int32).contiguous() for n in names}, meta)
+    index.digest = file_digest(path)
+    return index.digest
+
+
+def write_delta(path: Path, delta: DeltaSidecar) -> str:
+    """Write ``delta`` to ``path``; deltas and dense tensors are stored fp32."""
+    tensors = {n: delta.deltas[n].detach().to(torch.float32).contiguous() for n in sorted(delta.deltas)}
+    for n in sorted(delta.dense):
+        tensors[DENSE_PREFIX + n] = delta.dense[n].detach().to(torch.float32).contiguous()
+    meta = {
+        "neuroada.magic": DELTA_MAGIC,
+        "neuroada.version": str(FORMAT_VERSION),
+        "neuroada.index_sha256": delta.index_digest,
+        "neuroada.task": delta.task,
+        "neuroada.info": json.dumps(delta.info, sort_keys=True, separators=(",", ":")),
+        "neuroada.writer": f"neuroada-tools {__version__}",
+    }
+    write_file(path, tensors, meta)
+    delta.digest = file_digest(path)
+    return delta.digest
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _common(path: Path, magic: str) -> tuple[dict[str, str], dict[str, torch.Tensor], str]:
+    header = read_header(path, SidecarError)
+    label = Path(path).name
+    meta = header.metadata
+    found = meta.get("neuroada.magic")
+    if found != magic:
+        other = {INDEX_MAGIC: "an index", DELTA_MAGIC: "a delta"}.get(found or "")
+        what = f"it is {other} sidecar" if other else f"magic is {found!r}"
+        raise SidecarError(f"{label}: not {'an index' if magic == INDEX_MAGIC else 'a delta'} sidecar ({what})")
+    version = meta.get("neuroada.version")
+    if version != str(FORMAT_VERSION):
+        raise SidecarError(f"{label}: unsupported format version {version!r} (this tool reads {FORMAT_VERSION})")
+    return meta, read_all(path, header, SidecarError), file_digest(path)
+
+
+def read_index(path: Path | str) -> IndexSidecar:
+    """Read and validate an index sidecar (every MUST of formats/index-v1.md)."""
+    path = Path(path)
+    label = path.name
+    meta, tensors, digest = _common(path, INDEX_MAGIC)
+    k = _int_field(label, meta, "neuroada.k", minimum=1)
+    criterion = meta.get("neuroada.criterion")
+    if criterion not in CRITERIA:
+        raise SidecarError(f"{label}: neuroada.criterion {criterion!r} not one of {', '.join(CRITERIA)}")
+    seed_s = meta.get("neuroada.seed", "")
+    seed = None
+    if seed_s:
+        seed = _int_field(label, meta, "neuroada.seed", minimum=0)
+    elif criterion == "random":
+        raise SidecarError(f"{label}: criterion 'random' requires neuroada.seed")
+    entries = _parse_entries(label, meta.get("neuroada.tensors"))
+    if not tensors:
+        raise SidecarError(f"{label}: holds no tensors")
+    for name in tensors:
+        if name not in entries:
+            raise SidecarError(f"{label}: tensor {name!r} has no entry in neuroada.tensors")
+    for name in entries:
+        if name not in tensors:
+            raise SidecarError(f"{label}: neuroada.tensors lists {name!r} but the file has no such tensor")
+    for name, t in tensors.items():
+        _check_index_tensor(label, name, t, entries[name], k)
+    return IndexSidecar(
+        k=k,
+        criterion=criterion,
+        indices=tensors,
+        entries=entries,
+        seed=seed,
+        model_type=meta.get("neuroada.model_type", ""),
+        digest=digest,
+    )
+
+
+def _int_field(label: str, meta: dict[str, str], key: str, minimum: int) -> int:
+    raw = meta.get(key)
+    if raw is None or not re.fullmatch(r"[0-9]{1,12}", raw) or int(raw) < minimum:
+        raise SidecarError(f"{label}: {key} must be an integer >= {minimum}, found {raw!r}")
+    return int(raw)
+
+
+def _parse_entries(label: str, raw: str | None) -> dict[str, TensorEntry]:
+    if raw is None:
+        raise SidecarError(f"{label}: missing neuroada.tensors metadata")
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise SidecarError(f"{label}: neuroada.tensors is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise SidecarError(f"{label}: neuroada.tensors must be a JSON object")
+    out: dict[str, TensorEntry] = {}
+    for name, e in doc.items():
+        where = f"{label}: neuroada.tensors[{name!r}]"
+        if not isinstance(e, dict):
+            raise SidecarError(f"{where}: not an object")
+        shape = e.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        ):
+            raise SidecarError(f"{where}: shape must be [d_out, d_in] of positive integers, found {shape!r}")
+        layout = e.get("layout")
+        if layout not in LAYOUTS:
+            raise SidecarError(f"{where}: layout must be 'out_in' or 'in_out', found {layout!r}")
+        dtype = e.get("dtype")
+        if dtype not in ("F64", "F32", "F16", "BF16"):
+            raise SidecarError(f"{where}: dtype must be a float dtype, found {dtype!r}")
+        fp = e.get("fingerprint")
+        if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
+            raise SidecarError(f"{where}: fingerprint must be 64 lowercase hex digits")
+        out[name] = TensorEntry((shape[0], shape[1]), layout, dtype, fp)
+    return out
+
+
+def _check_index_tensor(label: str, name: str, t: torch.Tensor, entry: TensorEntry, k: int) -> None:
+    where = f"{label}: {name!r}"
+    if t.dtype != torch.int32:
+        raise SidecarError(f"{where}: dtype must be I32, found {str(t.dtype).removeprefix('torch.')}")
+    d_out, d_in = entry.shape
+    if t.dim() != 2 or t.shape[0] != d_out:
+        raise SidecarError(f"{where}: shape {list(t.shape)} does not match [d_out={d_out}, k]")
+    kt = t.shape[1]
+    if not 1 <= kt <= min(k, d_in):
+        raise SidecarError(f"{where}: {kt} columns per row, expected 1..min(k={k}, d_in={d_in})")
+    bad = (t < 0) | (t >= d_in)
+    if bool(bad.any()):
+        r, c = (int(v) for v in bad.nonzero()[0])
+        raise SidecarError(f"{where} row {r}: index {int(t[r, c])} outside 0..{d_in - 1}")
+    if kt > 1:
+        step = t[:, 1:] <= t[:, :-1]
+        if bool(step.any()):
+            r, c = (int(v) for v in step.nonzero()[0])
+            raise SidecarError(f"{where} row {r}: indices not increasing ({int(t[r, c])} >= {int(t[r, c + 1])})")
+
+
+def read_delta(path: Path | str, index: IndexSidecar | None = None) -> DeltaSidecar:
+    """Read and validate a delta sidecar; with ``index``, also check it belongs to that index."""
+    path = Path(path)
+    label = path.name
+    meta, tensors, digest = _common(path, DELTA_MAGIC)
+    index_digest = meta.get("neuroada.index_sha256", "")
+    if not _HEX64.fullmatch(index_digest):
+        raise SidecarError(f"{label}: neuroada.index_sha256 must be 64 lowercase hex digits")
+    try:
+        info = json.loads(meta.get("neuroada.info", "{}") or "{}")
+    except ValueError as e:
+        raise SidecarError(f"{label}: neuroada.info is not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise SidecarError(f"{label}: neuroada.info must be a JSON object")
+    deltas: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise SidecarError(f"{label}: {name!r}: dtype must be F32, found {str(t.dtype).removeprefix('torch.')}")
+        if not bool(torch.isfinite(t).all()):
+            raise SidecarError(f"{label}: {name!r}: contains NaN or Inf")
+        if name.startswith(DENSE_PREFIX):
+            if len(name) == len(DENSE_PREFIX):
+                raise SidecarError(f"{label}: empty dense tensor name")
+            dense[name[len(DENSE_PREFIX):]] = t
+        else:
+            if t.dim() != 2:
+                raise SidecarError(f"{label}: {name!r}: delta must be 2-D [d_out, k], found shape {list(t.shape)}")
+            deltas[name] = t
+    delta = DeltaSidecar(
+        index_digest=index_digest, deltas=deltas, dense=dense, task=meta.get("neuroada.task", ""),
+        info=info, digest=digest,
+    )
+    if index is not None:
+        check_delta_matches(delta, index, label)
+    return delta
+
+
+def check_delta_matches(delta: DeltaSidecar, index: IndexSidecar, label: str = "delta") -> None:
+    """Refuse a delta trained against another index, or whose tensors don't fit this index."""
+    if index.digest and delta.index_digest != index.digest:
+        raise SidecarError(
+            f"{label}: made for index sha256 {delta.index_digest[:12]}..., "
+            f"but the given index is {index.digest[:12]}..."
+        )
+    for name in sorted(index.indices):
+        if name not in delta.deltas:
+            raise SidecarError(f"{label}: no delta for index tensor {name!r}")
+        want = tuple(index.indices[name].shape)
+        got = tuple(delta.deltas[name].shape)
+        if got != want:
+            raise SidecarError(f"{label}: {name!r}: shape {list(got)} does not match the index {list(want)}")
+    for name in sorted(delta.deltas):
+        if name not in index.indices:
+            raise SidecarError(f"{label}: delta tensor {name!r} is not in the index")
+
+
+def verify_fingerprint(index: IndexSidecar, name: str, logical_weight: torch.Tensor, where: str) -> None:
+    """Raise ``FingerprintError`` unless ``logical_weight`` is the base ``name`` was indexed from."""
+    entry = index.entries[name]
+    if tuple(logical_weight.shape) != entry.shape:
+        raise FingerprintError(
+            f"{where}: {name!r} has shape {list(logical_weight.shape)}, the index was made for {list(entry.shape)}"
+        )
+    if fingerprint(logical_weight, index.indices[name]) != entry.fingerprint:
+        raise FingerprintError(
+            f"{where}: {name!r} differs from the base the index was made from (fingerprint mismatch)"
+        )
