@@ -1,0 +1,27 @@
+"""Shared pytest fixtures.
+
+`fixture_models`: the tiny random-weight Hugging Face folders of `fixtures/build.py`, built once per
+session (a few seconds) into a temporary folder. Treat them as read-only base checkpoints: a test
+that needs to write next to a model copies the folder into its own `tmp_path` first.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# `fixtures/` is a top-level folder of the repository, not part of the installed package. Under
+# `python -m pytest` the working directory is already importable; under a bare `pytest` it is not.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from fixtures.build import build_all  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fixture_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> model folder, for every name in `fixtures.build.NAMES`."""
+    return build_all(tmp_path_factory.mktemp("fixtures"))
