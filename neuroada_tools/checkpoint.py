@@ -49,10 +49,14 @@ class Checkpoint:
     config: dict | None
     headers: dict[Path, Header]
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor in its stored dtype and shape."""
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor in its stored dtype and shape (into ``buffer`` if given, see read_tensor)."""
         ref = self.tensors[name]
-        return read_tensor(ref.file, ref.raw)
+        return read_tensor(ref.file, ref.raw, buffer=buffer)
+
+    def buffer_for(self, names: list[str]) -> torch.Tensor:
+        """A uint8 buffer large enough for the largest of ``names``, to reuse across reads."""
+        return torch.empty(max((self.tensors[n].raw.nbytes for n in names), default=0), dtype=torch.uint8)
 
     def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:

@@ -93,8 +93,9 @@ def _build(
         seed = 0
     indices = {}
     entries = {}
+    buffer = ckpt.buffer_for([t.name for t in targets])
     for t in targets:
-        stored = ckpt.read(t.name)
+        stored = ckpt.read(t.name, buffer)
         logical = stored.t() if t.transposed else stored
         idx = select(logical, ks[t.name], criterion, seed=seed, salt=t.name)
         indices[t.name] = idx

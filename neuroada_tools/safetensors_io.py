@@ -185,10 +185,18 @@ def _parse_entry(
 
 
 def read_tensor(
-    path: Path, raw: RawTensor, error: type[NeuroAdaError] = CheckpointError
+    path: Path, raw: RawTensor, error: type[NeuroAdaError] = CheckpointError, buffer: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Read one tensor's bytes (one copy, no mmap) and view them with its dtype and shape."""
-    buf = torch.empty(raw.nbytes, dtype=torch.uint8)
+    """Read one tensor's bytes (one copy, no mmap) and view them with its dtype and shape.
+
+    With ``buffer`` (a uint8 tensor of at least ``raw.nbytes``), the bytes land there and the
+    result is a view of it: streaming loops reuse one buffer instead of faulting in fresh pages
+    for every tensor. The view is only valid until the buffer is reused.
+    """
+    if buffer is not None and buffer.numel() >= raw.nbytes:
+        buf = buffer[: raw.nbytes]
+    else:
+        buf = torch.empty(raw.nbytes, dtype=torch.uint8)
     try:
         with open(path, "rb") as f:
             f.seek(raw.start)

@@ -71,12 +71,22 @@ def select(
     key_dtype = torch.int32 if mag_width + col_bits <= 31 else torch.int64
     cols = torch.arange(d_in, dtype=key_dtype)
     low = ((1 << col_bits) - 1) - cols if largest else cols
+    rows = min(_ROW_CHUNK, d_out)
+    # buffers allocated once per tensor, reused for every chunk (no page faults per chunk)
+    keys_buf = torch.empty(rows * d_in, dtype=key_dtype)
+    vals_buf = torch.empty((rows, k), dtype=key_dtype)
+    idx_buf = torch.empty((rows, k), dtype=torch.int64)
+    int_dtype, mask = _MAG_BITS[weight.dtype]
+    bits = weight.view(int_dtype)  # same item size: valid for any strides (transposed views too)
     out = torch.empty((d_out, k), dtype=torch.int32)
     for s in range(0, d_out, _ROW_CHUNK):
-        keys = magnitude_bits(weight[s : s + _ROW_CHUNK]).to(key_dtype)
-        keys.bitwise_left_shift_(col_bits).bitwise_or_(low)
-        idx = keys.topk(k, dim=1, largest=largest, sorted=False).indices
-        out[s : s + _ROW_CHUNK] = idx.sort(dim=1).values
+        chunk = bits[s : s + _ROW_CHUNK]
+        n = chunk.shape[0]
+        keys = keys_buf[: n * d_in].view(n, d_in)
+        keys.copy_(chunk)  # int16/int32 -> key dtype (sign-extended; the mask clears it)
+        keys.bitwise_and_(mask).bitwise_left_shift_(col_bits).bitwise_or_(low)
+        torch.topk(keys, k, dim=1, largest=largest, sorted=False, out=(vals_buf[:n], idx_buf[:n]))
+        out[s : s + n] = idx_buf[:n].sort(dim=1).values
     return out
 
 

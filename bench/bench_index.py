@@ -1,0 +1,179 @@
+"""Benchmark `neuroada-tools index` against merely reading the checkpoint and the naive way.
+
+Builds (once, cached in .bench/) a Llama checkpoint with real LLaMA-7B shapes (hidden 4096,
+intermediate 11008, vocab 32000; random bf16 values; ``--layers`` blocks, 6 by default = 2.9 GB)
+and measures, side by side in one run, each method in its own subprocess (so peak RSS is its own),
+repetitions interleaved, page cache warm:
+
+- read:  read every byte of the checkpoint files into a reused buffer;
+- index: ``neuroada_tools.index.run_index`` (what the CLI runs);
+- naive: ``LlamaForCausalLM.from_pretrained`` then ``W.float().abs().topk(k)`` per target weight.
+
+GB/s is checkpoint bytes per second (all files) and, for index/naive, also target-weight bytes per
+second. Prints a markdown table; ``--out FILE`` also writes it there.
+
+    python bench/bench_index.py            # full (about 2-3 minutes here)
+    python bench/bench_index.py --quick    # 1 layer, 1 repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008),
+}
+
+
+def build(folder: Path, layers: int) -> None:
+    import torch
+
+    from neuroada_tools.safetensors_io import StreamingWriter
+
+    if (folder / "model.safetensors").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "num_hidden_layers": layers, "vocab_size": 32000, "rms_norm_eps": 1e-6, "dtype": "bfloat16",
+        "tie_word_embeddings": False, "max_position_embeddings": 2048,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    entries = [("model.embed_tokens.weight", "BF16", (32000, 4096)), ("lm_head.weight", "BF16", (32000, 4096)),
+               ("model.norm.weight", "BF16", (4096,))]
+    for i in range(layers):
+        for m, shape in SHAPES.items():
+            entries.append((f"model.layers.{i}.{m}.weight", "BF16", shape))
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            entries.append((f"model.layers.{i}.{n}.weight", "BF16", (4096,)))
+    g = torch.Generator().manual_seed(0)
+    tmp = folder / "model.safetensors.partial"
+    w = StreamingWriter(tmp, entries, {"format": "pt"})
+    for name, _, shape in entries:
+        t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
+        w.write(name, t.to(torch.bfloat16))
+    w.close()
+    tmp.rename(folder / "model.safetensors")
+
+
+CHILD = r"""
+import json, sys, time, resource
+method, folder, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from pathlib import Path
+import torch
+torch.set_num_threads(2)
+files = sorted(Path(folder).glob("*.safetensors"))
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+import transformers  # imported by every method, so baselines are equal
+base = hwm()
+t0 = time.perf_counter()
+if method == "read":
+    buf = bytearray(64 << 20)
+    mv = memoryview(buf)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(mv):
+                pass
+elif method == "index":
+    from neuroada_tools.index import run_index
+    out = Path(folder) / "bench.index.safetensors.out"
+    run_index(folder, k, out, force=True)
+    out.unlink()
+elif method == "naive":
+    from transformers import LlamaForCausalLM
+    m = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    res = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            res[name] = mod.weight.float().abs().topk(k, dim=1).indices.sort(dim=1).values.to(torch.int32)
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "peak_rss": hwm(), "rss_after_imports": base}))
+"""
+
+
+def run_child(method: str, folder: Path, k: int) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, method, str(folder), str(k)], capture_output=True, text=True,
+                       cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("-k", type=int, default=20)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dir", type=Path, default=ROOT / ".bench")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if a.quick:
+        a.layers, a.reps = 1, 1
+    folder = a.dir / f"llama7b-shapes-{a.layers}L"
+    build(folder, a.layers)
+    sys.path.insert(0, str(ROOT))
+    from neuroada_tools.checkpoint import open_checkpoint
+    from neuroada_tools.targets import resolve_targets
+
+    ckpt = open_checkpoint(folder)
+    total = ckpt.total_bytes
+    targets = resolve_targets(ckpt)
+    target_bytes = sum(ckpt.tensors[t.name].raw.nbytes for t in targets)
+    largest = max(ckpt.tensors[t.name].raw.nbytes for t in targets)
+    run_child("read", folder, a.k)  # warm the page cache
+    results: dict[str, list[dict]] = {"read": [], "index": [], "naive": []}
+    for _ in range(a.reps):
+        for m in results:
+            results[m].append(run_child(m, folder, a.k))
+    med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in results.items()}
+    rss = {m: max(r["peak_rss"] for r in rs) for m, rs in results.items()}
+    base = {m: max(r["rss_after_imports"] for r in rs) for m, rs in results.items()}
+    gb = 1e9
+    lines = [
+        f"checkpoint: {total / gb:.2f} GB bf16, {a.layers} LLaMA-7B blocks ({len(targets)} target weights, "
+        f"{target_bytes / gb:.2f} GB; largest {largest / 2**20:.0f} MiB), k={a.k}, {a.reps} reps interleaved, median",
+        "",
+        "| method | seconds | GB/s (file) | GB/s (targets) | vs naive | peak RSS | RSS over imports |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in ("read", "index", "naive"):
+        s = med[m]
+        tgt = f"{target_bytes / s / gb:.2f}" if m != "read" else "-"
+        lines.append(
+            f"| {m} | {s:.2f} | {total / s / gb:.2f} | {tgt} | {med['naive'] / s:.2f}x | "
+            f"{rss[m] / 2**20:.0f} MiB | {(rss[m] - base[m]) / 2**20:.0f} MiB |"
+        )
+    budget = 2 * largest + 300 * 2**20
+    lines += [
+        "",
+        f"index vs read: {med['read'] / med['index']:.2f}x the reading speed; index vs naive: "
+        f"{med['naive'] / med['index']:.2f}x faster",
+        f"RSS target (2 x largest tensor + 300 MiB = {budget / 2**20:.0f} MiB): index peak {rss['index'] / 2**20:.0f} MiB "
+        f"({'met' if rss['index'] <= budget else 'MISSED'}; over imports {(rss['index'] - base['index']) / 2**20:.0f} MiB)",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        a.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

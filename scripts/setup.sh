@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create ./.venv (if missing) and install neuroada-tools with its test and demo extras.
+# torch is pinned to 2.13.0, the CPU build that lies on this project's machines' disk; a bare
+# `torch` requirement would pull a multi-GB CUDA build. Users installing from PyPI get any torch 2.x.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,demo]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, transformers, onnxruntime, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__)"
