@@ -1,0 +1,542 @@
+"""The trainable NeuroAda bypass: attach fp32 deltas to a model's Linear / Conv1D weights.
+
+For a frozen weight ``W`` (logical ``[d_out, d_in]``) and an index ``idx`` (int32 ``[d_out, k]``,
+rows ascending), the bypass trains ``delta`` (fp32 ``[d_out, k]``) and the layer computes
+
+    y = x W^T + x S^T + b,      S[i, idx[i, j]] = delta[i, j], 0 elsewhere.
+
+Worked example (d_out=2, d_in=3, k=1): ``W = [[1, 2, 3], [4, 5, 6]]``, ``idx = [[2], [0]]``,
+``delta = [[0.5], [-1]]``. Then ``S = [[0, 0, 0.5], [-1, 0, 0]]`` and ``W + S = [[1, 2, 3.5],
+[3, 5, 6]]``; for ``x = [1, 1, 1]``, ``y = [6.5, 14]`` (+ b). With upstream gradient ``g = [1, 2]``
+(one token), ``grad_delta[i, j] = g[i] * x[idx[i, j]] = [[1], [2]]`` and ``grad_x = g (W+S) =
+[7, 12, 15.5]``.
+
+Two ways to compute it (``mode``):
+
+- ``"fused"`` (training default). Before every forward the selected entries of the weight are
+  overwritten in place with ``W0_sel + delta`` (``W0_sel``: the base values at those positions,
+  kept in the base dtype, so ``detach`` restores the base bit for bit). The forward is then one
+  plain matmul with ``W' = W + S``. Backward (``_FusedBypass``): ``grad_x = g W'`` (what a frozen
+  base computes anyway) and ``grad_delta = SDDMM(g^T, x)`` on the CSR pattern ``crow =
+  arange(d_out + 1) * k, col = idx``: ``torch.sparse.sampled_addmm`` in fp32, ``T * d_out * k``
+  multiply-adds instead of the dense ``T * d_out * d_in`` of ``g^T x``; a chunked gather + bmm
+  fallback where ``sampled_addmm`` is unavailable. Saved for backward: ``x`` only (plus a Python
+  handle on the layer); no copy of the weight, no dense weight gradient.
+- ``"reference"``: ``x W^T + b`` plus ``x S^T`` with ``S`` built by ``scatter`` from ``delta``,
+  plain autograd, the weight left clean. Slow and memory hungry; for tests and parity.
+
+Module surgery. An adapted module keeps its identity, its parameters and its ``state_dict`` keys;
+its class is swapped for a subclass (as ``torch.nn.utils.parametrize`` does) that adds the
+parameter ``<module>.neuroada_delta`` and the non-persistent buffers ``neuroada_idx``,
+``neuroada_w0`` and ``neuroada_crow``. ``state_dict()`` shows the base weight (the selected
+entries are restored first; the next forward writes them again). ``load_state_dict`` of a base
+weight re-captures ``W0_sel``.
+
+Device and dtype moves after ``attach``: ``model.to(device)``, ``.cuda()``, ``.cpu()`` move the
+deltas (and their grads) with the weights; ``model.to(dtype)``, ``.half()``, ``.bfloat16()``,
+``.float()`` cast the base weights and ``W0_sel`` together (``detach`` then restores the cast
+base) but leave deltas fp32. Build the optimizer after moving, as usual. Not supported while
+attached: pickling the whole module (save ``state_dict`` or ``make_delta_sidecar`` instead),
+``torch.compile`` of the fused path, an optimizer step between a forward and its backward (a
+``RuntimeError`` says so).
+
+Left out: which weights to adapt (``targets.py``), reading sidecar files (``sidecar.py``),
+training loops (``train.py``), the streaming on-disk merge (``merge.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroada_tools.errors import ModelError, SidecarError
+from neuroada_tools.naming import match_names
+from neuroada_tools.sidecar import DeltaSidecar, IndexSidecar, check_delta_matches
+
+try:  # GPT-2 style layers store the weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the module importable
+    Conv1D = None
+
+MODES = ("fused", "reference")
+DELTA_ATTR = "neuroada_delta"
+_ROOT_STATE = "_neuroada_attach_state"
+# SDDMM backend: "auto" (sampled_addmm, gather fallback if it raises), "sampled_addmm", "gather"
+SDDMM_BACKEND = "auto"
+_SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
+_GATHER_CHUNK_ELEMS = 1 << 21  # rows * k * T per chunk of the gather fallback (8 MiB fp32)
+
+
+# ---------------------------------------------------------------- the math
+
+
+def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[i, j] = sum_t g[t, i] * x[t, idx[i, j]]`` in fp32, without forming ``g^T x``.
+
+    ``g`` is ``[T, d_out]``, ``x`` is ``[T, d_in]`` (any float dtype), ``idx`` int ``[d_out, k]``
+    with rows strictly ascending; ``crow`` (``arange(d_out + 1) * k``, same dtype as ``idx``) may be
+    passed to avoid rebuilding it. Returns fp32 ``[d_out, k]``.
+
+    Example: ``g = [[1, 2]]``, ``x = [[3, 4, 5]]``, ``idx = [[2], [0]]`` gives ``[[1 * 5], [2 * 3]]
+    = [[5], [6]]``.
+    """
+    d_out, k = idx.shape
+    T, d_in = x.shape
+    # sampled_addmm dots rows of mat1 with columns of mat2: both want T contiguous. One copy each,
+    # which also does the fp32 upcast for bf16/fp16 inputs.
+    gT = torch.empty((d_out, T), dtype=torch.float32, device=g.device).copy_(g.t())
+    xT = torch.empty((d_in, T), dtype=torch.float32, device=x.device).copy_(x.t())
+    device_type = g.device.type
+    use_sparse = SDDMM_BACKEND == "sampled_addmm" or (
+        SDDMM_BACKEND == "auto" and device_type not in _SDDMM_UNSUPPORTED
+    )
+    if use_sparse and T > 0:
+        if crow is None:
+            crow = torch.arange(d_out + 1, dtype=idx.dtype, device=idx.device) * k
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+                pattern = torch.sparse_csr_tensor(
+                    crow, idx.reshape(-1), torch.zeros(d_out * k, dtype=torch.float32, device=g.device),
+                    (d_out, d_in), check_invariants=False,
+                )
+                out = torch.sparse.sampled_addmm(pattern, gT, xT.t(), beta=0.0)
+            return out.values().view(d_out, k)
+        except (RuntimeError, NotImplementedError):
+            if SDDMM_BACKEND == "sampled_addmm":
+                raise
+            _SDDMM_UNSUPPORTED.add(device_type)
+    return _sddmm_gather(gT, xT, idx)
+
+
+def _sddmm_gather(gT: torch.Tensor, xT: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Fallback SDDMM: per block of rows, gather ``x^T[idx]`` ([rows, k, T]) and bmm with ``g^T``."""
+    d_out, k = idx.shape
+    T = gT.shape[1]
+    out = torch.empty((d_out, k), dtype=torch.float32, device=gT.device)
+    rows = max(1, _GATHER_CHUNK_ELEMS // max(1, k * T))
+    for s in range(0, d_out, rows):
+        picked = xT[idx[s : s + rows].long()]  # [rows, k, T]
+        out[s : s + rows] = torch.bmm(picked, gT[s : s + rows].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+class _FusedBypass(torch.autograd.Function):
+    """``y = x W'^T + b`` with ``W'`` already refreshed in place; gradients for ``x`` and ``delta``.
+
+    Inputs: ``x`` (any leading dims), ``delta`` (the layer's fp32 parameter, only for autograd
+    bookkeeping), ``bias`` (may be ``None``), ``layer`` (the adapted module). Saves ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, bias, layer):  # type: ignore[override]
+        ctx.layer = layer
+        ctx.delta_version = delta._version
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None)
+        return layer._neuroada_dense(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        layer = ctx.layer
+        (x,) = ctx.saved_tensors
+        delta = layer.neuroada_delta
+        if delta._version != ctx.delta_version:
+            raise RuntimeError(
+                f"NeuroAda delta of {layer.neuroada_name!r} was modified between forward and backward "
+                "(optimizer step before backward?)"
+            )
+        d_out, d_in = layer._neuroada_shape()
+        g2 = g.reshape(-1, d_out)
+        grad_x = grad_delta = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if not layer._neuroada_dirty:  # something (state_dict, set_mode) restored the base since
+                layer._neuroada_refresh()
+            w = layer.weight
+            if w.dtype != g2.dtype:
+                w = w.to(g2.dtype)
+            wl = w if layer.neuroada_layout == "out_in" else w.t()  # logical [d_out, d_in]
+            grad_x = (g2 @ wl).view(*g.shape[:-1], d_in)
+        if ctx.needs_input_grad[1]:
+            grad_delta = sddmm(g2, x.reshape(-1, d_in), layer.neuroada_idx, layer.neuroada_crow)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_delta, grad_bias, None
+
+
+# ---------------------------------------------------------------- the module subclass
+
+
+class _BypassMixin:
+    """Mixed into a dynamic subclass of ``nn.Linear`` / ``Conv1D`` by ``attach``."""
+
+    neuroada_delta: nn.Parameter
+    neuroada_idx: torch.Tensor  # int32 [d_out, k]
+    neuroada_crow: torch.Tensor  # int32 [d_out + 1]
+    neuroada_w0: torch.Tensor  # base dtype [d_out, k]
+    neuroada_name: str
+    neuroada_mode: str
+    neuroada_layout: str
+    _neuroada_dirty: bool
+    _neuroada_base_cls: type
+
+    def _neuroada_shape(self) -> tuple[int, int]:
+        w = self.weight
+        return (w.shape[0], w.shape[1]) if self.neuroada_layout == "out_in" else (w.shape[1], w.shape[0])
+
+    def _neuroada_logical(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.neuroada_layout == "out_in" else w.t()
+
+    def _neuroada_write(self, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._neuroada_logical(self.weight).scatter_(1, self.neuroada_idx, values)
+
+    def _neuroada_refresh(self) -> None:
+        """Write ``W0_sel + delta`` (cast to the weight dtype) at the selected positions."""
+        w0 = self.neuroada_w0
+        with torch.no_grad():
+            d = self.neuroada_delta.detach()
+            vals = (w0 + d) if w0.dtype == torch.float32 else (w0.float() + d).to(w0.dtype)
+            self._neuroada_write(vals)
+        self._neuroada_dirty = True
+
+    def _neuroada_restore(self) -> None:
+        """Write the base values back; the weight is then the base bit for bit."""
+        if self._neuroada_dirty:
+            self._neuroada_write(self.neuroada_w0)
+            self._neuroada_dirty = False
+
+    def _neuroada_dense(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if self.neuroada_layout == "out_in":
+            return F.linear(x, w, b)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(b, x2, w) if b is not None else x2 @ w
+        return y.view(*x.shape[:-1], w.shape[1])
+
+    def _neuroada_reference(self, x: torch.Tensor) -> torch.Tensor:
+        self._neuroada_restore()
+        y = self._neuroada_dense(x)
+        d_out, d_in = self._neuroada_shape()
+        delta = self.neuroada_delta
+        s = torch.zeros((d_out, d_in), dtype=torch.float32, device=delta.device)
+        s = s.scatter(1, self.neuroada_idx.long(), delta)
+        return y + F.linear(x.to(torch.float32), s).to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.neuroada_mode == "reference":
+            return self._neuroada_reference(x)
+        if self.weight.requires_grad:
+            raise ModelError(
+                f"{self.neuroada_name!r}: the base weight requires grad; NeuroAda trains the deltas only"
+            )
+        self._neuroada_refresh()
+        delta, b = self.neuroada_delta, self.bias
+        if torch.is_grad_enabled() and (
+            delta.requires_grad or x.requires_grad or (b is not None and b.requires_grad)
+        ):
+            return _FusedBypass.apply(x, delta, b, self)
+        return self._neuroada_dense(x)
+
+    def _apply(self, fn, recurse=True):  # keep deltas fp32 through model.to(dtype) / .half()
+        delta = self._parameters.pop(DELTA_ATTR)
+        try:
+            out = super()._apply(fn, recurse)  # type: ignore[misc]
+        finally:
+            self._parameters[DELTA_ATTR] = delta
+        device = self.weight.device
+        if delta.device != device:
+            delta.data = delta.data.to(device)
+            if delta.grad is not None:
+                delta.grad = delta.grad.to(device)
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._neuroada_restore()  # state_dict shows the base weight; the next forward rewrites W'
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._neuroada_restore()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        if prefix + "weight" in state_dict:  # a (new) base weight: its selected values are W0_sel
+            with torch.no_grad():
+                self.neuroada_w0.copy_(self._neuroada_logical(self.weight).gather(1, self.neuroada_idx))
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        extra = f"neuroada k={self.neuroada_idx.shape[1]}, mode={self.neuroada_mode}"
+        return f"{base}, {extra}" if base else extra
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _bypass_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"NeuroAda{cls.__name__}", (_BypassMixin, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def _bypassed(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BypassMixin)]
+
+
+@dataclass
+class _AttachState:
+    """What ``attach`` changed outside the adapted modules, so ``detach`` can undo it."""
+
+    requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
+    dense_backup: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def attach(
+    model: nn.Module, index: IndexSidecar, delta: DeltaSidecar | None = None, *, mode: str = "fused"
+) -> dict[str, nn.Parameter]:
+    """Add a NeuroAda bypass to every weight named in ``index``; return ``{index name: delta}``.
+
+    Every parameter of ``model`` is frozen (``requires_grad=False``) and only the new fp32 deltas
+    (zeros, or the values of ``delta``) are trainable; unfreeze a task head yourself. Index names are
+    checkpoint names, mapped onto the model with ``match_names`` (``encoder.layer.0...`` finds
+    ``bert.encoder.layer.0...``). With ``delta``, the sidecar must match the index
+    (``check_delta_matches``: digest, names, shapes) and its dense tensors are copied into the
+    model's parameters of those names (``detach`` puts the previous values back).
+
+    Raises ``ModelError`` naming the tensor when an index tensor has no parameter in the model, its
+    module is not ``nn.Linear`` / ``Conv1D``, or its shape or layout disagrees with the index entry;
+    ``SidecarError`` for a malformed index row or a delta that does not match. Nothing is changed
+    when an error is raised.
+
+    Example: ``params = attach(model, read_index("m.index.safetensors"))`` then
+    ``torch.optim.AdamW(params.values(), lr=7e-4)``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
+    if _bypassed(model):
+        raise ModelError("model already has NeuroAda bypasses attached; call detach() first")
+    param_names = [n for n, _ in model.named_parameters()]
+    mapping = match_names(sorted(index.indices), param_names)
+    plan = []
+    for name in sorted(index.indices):
+        plan.append(_check_target(model, index, name, mapping.get(name)))
+    if delta is not None:
+        check_delta_matches(delta, index)
+    dense_plan = _check_dense(model, delta.dense) if delta is not None else []
+
+    # everything checked: now change the model
+    state = _AttachState()
+    for p in model.parameters():
+        state.requires_grad[id(p)] = (p, p.requires_grad)
+    with torch.no_grad():
+        for mname, p, t in dense_plan:
+            state.dense_backup[mname] = p.detach().clone()
+            p.copy_(t)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out: dict[str, nn.Parameter] = {}
+    for name, module, idx in plan:
+        out[name] = _install(module, name, idx, mode, None if delta is None else delta.deltas[name])
+    object.__setattr__(model, _ROOT_STATE, state)
+    return out
+
+
+def _check_target(
+    model: nn.Module, index: IndexSidecar, name: str, pname: str | None
+) -> tuple[str, nn.Module, torch.Tensor]:
+    entry = index.entries.get(name)
+    if entry is None:
+        raise SidecarError(f"index: tensor {name!r} has no entry in neuroada.tensors")
+    if pname is None:
+        raise ModelError(f"index tensor {name!r}: the model has no parameter of that name")
+    mod_name, _, leaf = pname.rpartition(".")
+    module = model.get_submodule(mod_name) if mod_name else model
+    if leaf != "weight" or not (isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))):
+        raise ModelError(
+            f"index tensor {name!r}: model parameter {pname!r} is not the weight of an nn.Linear or "
+            f"Conv1D (found {type(module).__name__}.{leaf})"
+        )
+    want_layout = "out_in" if isinstance(module, nn.Linear) else "in_out"
+    if entry.layout != want_layout:
+        raise ModelError(
+            f"index tensor {name!r}: recorded layout {entry.layout!r}, but model parameter {pname!r} "
+            f"belongs to {type(module).__name__}, which stores {want_layout!r}"
+        )
+    w = module.weight
+    logical = tuple(w.shape) if want_layout == "out_in" else tuple(reversed(w.shape))
+    if logical != tuple(entry.shape):
+        raise ModelError(
+            f"index tensor {name!r}: model weight {pname!r} has logical shape [d_out, d_in] = "
+            f"{list(logical)}, the index was made for {list(entry.shape)}"
+        )
+    if not w.is_floating_point() or w.device.type == "meta":
+        raise ModelError(f"index tensor {name!r}: model weight {pname!r} is {w.dtype} on {w.device}, not materialised floats")
+    idx = index.indices[name]
+    d_out, d_in = logical
+    if idx.dim() != 2 or idx.shape[0] != d_out or not 1 <= idx.shape[1] <= d_in:
+        raise SidecarError(f"index: {name!r}: indices of shape {list(idx.shape)} do not fit [d_out={d_out}, 1..{d_in}]")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise SidecarError(f"index: {name!r}: indices must be integers, found {idx.dtype}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d_in):
+        raise SidecarError(f"index: {name!r}: indices outside 0..{d_in - 1}")
+    if idx.shape[1] > 1:
+        bad = idx[:, 1:] <= idx[:, :-1]
+        if bool(bad.any()):
+            r, c = (int(v) for v in bad.nonzero()[0])
+            raise SidecarError(f"index: {name!r} row {r}: indices not increasing ({int(idx[r, c])} >= {int(idx[r, c + 1])})")
+    return name, module, idx
+
+
+def _check_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+    params = dict(model.named_parameters())
+    mapping = match_names(sorted(dense), list(params))
+    plan = []
+    for name in sorted(dense):
+        if name not in mapping:
+            raise ModelError(f"delta: dense tensor {name!r}: the model has no parameter of that name")
+        p = params[mapping[name]]
+        if tuple(p.shape) != tuple(dense[name].shape):
+            raise ModelError(
+                f"delta: dense tensor {name!r} has shape {list(dense[name].shape)}, model parameter "
+                f"{mapping[name]!r} has {list(p.shape)}"
+            )
+        plan.append((mapping[name], p, dense[name]))
+    return plan
+
+
+def _install(module: nn.Module, name: str, idx: torch.Tensor, mode: str, init: torch.Tensor | None) -> nn.Parameter:
+    w = module.weight
+    layout = "out_in" if isinstance(module, nn.Linear) else "in_out"
+    idx = idx.to(device=w.device, dtype=torch.int32).contiguous()  # no copy if already so
+    d_out, k = idx.shape
+    logical = w if layout == "out_in" else w.t()
+    with torch.no_grad():
+        w0 = logical.gather(1, idx)
+    value = torch.zeros((d_out, k), dtype=torch.float32, device=w.device)
+    if init is not None:
+        value.copy_(init)
+    delta = nn.Parameter(value)
+    base_cls = type(module)
+    module.__class__ = _bypass_class(base_cls)
+    module.register_parameter(DELTA_ATTR, delta)
+    module.register_buffer("neuroada_idx", idx, persistent=False)
+    module.register_buffer("neuroada_crow", torch.arange(d_out + 1, dtype=torch.int32, device=w.device) * k, persistent=False)
+    module.register_buffer("neuroada_w0", w0, persistent=False)
+    module.neuroada_name = name
+    module.neuroada_mode = mode
+    module.neuroada_layout = layout
+    module._neuroada_dirty = False
+    module._neuroada_base_cls = base_cls
+    return delta
+
+
+def _remove(module: nn.Module, *, keep_merged: bool) -> None:
+    if keep_merged:
+        module._neuroada_refresh()
+    else:
+        module._neuroada_restore()
+    del module._parameters[DELTA_ATTR]
+    for b in ("neuroada_idx", "neuroada_crow", "neuroada_w0"):
+        del module._buffers[b]
+    base_cls = module._neuroada_base_cls
+    for a in ("neuroada_name", "neuroada_mode", "neuroada_layout", "_neuroada_dirty", "_neuroada_base_cls"):
+        module.__dict__.pop(a, None)
+    module.__class__ = base_cls
+
+
+def _finish(model: nn.Module, *, keep_merged: bool) -> None:
+    for _, m in _bypassed(model):
+        _remove(m, keep_merged=keep_merged)
+    state: _AttachState | None = model.__dict__.pop(_ROOT_STATE, None)
+    if state is None:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if not keep_merged:
+            for mname, backup in state.dense_backup.items():
+                if mname in params:
+                    params[mname].copy_(backup)
+    for p, flag in state.requires_grad.values():
+        p.requires_grad_(flag)
+
+
+def detach(model: nn.Module) -> None:
+    """Remove every bypass: weights are the base bit for bit again (the base as cast by any
+    ``model.to(dtype)`` since ``attach``), deltas and buffers are gone, the modules have their
+    original class, ``requires_grad`` flags and dense tensors loaded by ``attach`` are as before.
+    A model without bypasses is left as it is."""
+    _finish(model, keep_merged=False)
+
+
+def merge_in_place(model: nn.Module) -> None:
+    """Bake the deltas into the weights and remove the bypasses.
+
+    Each selected entry becomes ``cast(fp32(W0) + delta)`` in the weight's dtype, computed once;
+    every other entry is untouched. This is exactly the weight the fused forward uses, so the
+    merged model's logits equal the fused bypass's. Example: bf16 ``W0 = 1.0``, ``delta = 2**-9``
+    gives ``bf16(1.001953125) = 1.0`` (below bf16 resolution), while ``delta = 2**-7`` gives
+    ``1.0078125``. ``requires_grad`` flags are restored; dense tensors loaded by ``attach`` stay.
+    """
+    _finish(model, keep_merged=True)
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch every bypass between ``"fused"`` and ``"reference"``; the weights are left clean."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
+    layers = _bypassed(model)
+    if not layers:
+        raise ModelError("model has no NeuroAda bypasses; call attach() first")
+    for _, m in layers:
+        m._neuroada_restore()
+        m.neuroada_mode = mode
+
+
+def deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{index name: fp32 [d_out, k] delta}``, detached clones (safe to keep while training)."""
+    return {m.neuroada_name: m.neuroada_delta.detach().clone() for _, m in _bypassed(model)}
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every parameter with ``requires_grad``: after ``attach`` the deltas
+    (``<module>.neuroada_delta``) plus anything unfrozen since, e.g. a task head."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable scalars. Example: one 4096x4096 Linear at k=20 gives 4096 * 20 = 81920."""
+    return sum(p.numel() for _, p in trainable_parameters(model))
+
+
+def make_delta_sidecar(
+    model: nn.Module,
+    index: IndexSidecar,
+    *,
+    dense: dict[str, torch.Tensor] | None = None,
+    task: str = "",
+    info: dict | None = None,
+) -> DeltaSidecar:
+    """A ``DeltaSidecar`` holding the model's current deltas for every tensor of ``index``.
+
+    ``dense`` (model parameter name -> tensor, e.g. a trained classifier) is stored as detached fp32
+    copies. Raises ``ModelError`` if an index tensor has no bypass in ``model``.
+    """
+    current = deltas(model)
+    missing = [n for n in sorted(index.indices) if n not in current]
+    if missing:
+        raise ModelError(f"index tensor {missing[0]!r} has no NeuroAda bypass in the model")
+    extra = sorted(set(current) - set(index.indices))
+    if extra:
+        raise ModelError(f"the model has a bypass for {extra[0]!r}, which is not in the index")
+    return DeltaSidecar(
+        index_digest=index.digest,
+        deltas={n: current[n] for n in sorted(index.indices)},
+        dense={n: t.detach().to(torch.float32).clone() for n, t in (dense or {}).items()},
+        task=task,
+        info=dict(info or {}),
+    )

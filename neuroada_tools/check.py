@@ -1,0 +1,141 @@
+"""The parity check: unmerged (base + bypass, reference path) vs merged torch vs ONNX Runtime.
+
+The reference is the base model loaded with transformers, with the index and delta attached on the
+unfused reference path (``x W^T + x S^T``) and the delta's dense head loaded. Inputs are fresh:
+``parity.PARITY_BATCH x PARITY_SEQ`` random tokens with right padding, a shape the export never saw.
+Tolerances per dtype are ``parity.TOLERANCES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from neuroada_tools import bypass
+from neuroada_tools.errors import ParityError
+from neuroada_tools.onnx_export import uses_token_type_ids
+from neuroada_tools.parity import (
+    PARITY_BATCH,
+    PARITY_SEQ,
+    ParityReport,
+    check_with_past,
+    compare_logits,
+    make_fresh_inputs,
+    run_onnx,
+    run_torch,
+    tolerance_for,
+)
+from neuroada_tools.sidecar import read_delta, read_index
+from neuroada_tools.tasks import load_model, task_config
+
+
+@dataclass
+class CheckResult:
+    """One line per comparison: name -> report fields plus tolerance and verdict."""
+
+    dtype: str
+    task: str
+    batch: int
+    seq: int
+    comparisons: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.comparisons.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def _dtype_key(model: torch.nn.Module) -> str:
+    dt = next(model.parameters()).dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
+
+
+def load_unmerged(model_dir: Path, index_path: Path, delta_path: Path, *, mode: str = "reference",
+                  trust_remote_code: bool = False):
+    """The base model with the sidecars attached (what training produced, before any merge)."""
+    index = read_index(index_path)
+    delta = read_delta(delta_path, index)
+    task = delta.task or "causal-lm"
+    labels = delta.info.get("label_names") or None
+    cfg = task_config(model_dir, task, num_labels=delta.info.get("num_labels"), label_names=labels,
+                      trust_remote_code=trust_remote_code)
+    model = load_model(model_dir, task, config=cfg, trust_remote_code=trust_remote_code)
+    bypass.attach(model, index, delta, mode=mode)
+    model.eval()
+    return model, task
+
+
+def run_check(
+    model_dir: Path,
+    index_path: Path,
+    delta_path: Path,
+    *,
+    merged_dir: Path | None = None,
+    onnx_dir: Path | None = None,
+    with_past: bool = False,
+    provider: str = "cpu",
+    batch: int = PARITY_BATCH,
+    seq: int = PARITY_SEQ,
+    seed: int = 1234,
+    raise_on_failure: bool = True,
+) -> CheckResult:
+    """Compare logits; raise ``ParityError`` (exit code 1) if any comparison is over tolerance."""
+    unmerged, task = load_unmerged(Path(model_dir), Path(index_path), Path(delta_path))
+    key = _dtype_key(unmerged)
+    cfg = unmerged.config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(cfg, "eos_token_id", None)
+    if isinstance(pad, list):
+        pad = pad[0]
+    uses_tt = uses_token_type_ids(unmerged)
+    inputs = make_fresh_inputs(cfg, batch=batch, seq=seq, seed=seed, pad_token_id=pad, with_token_type_ids=uses_tt)
+    if task == "multiple-choice":
+        inputs = {k: v.unsqueeze(1).expand(-1, 2, -1).contiguous() for k, v in inputs.items()}
+        mask = torch.ones(batch, dtype=torch.long)
+    else:
+        mask = inputs["attention_mask"]
+    ref = run_torch(unmerged, inputs)
+    result = CheckResult(dtype=key, task=task, batch=batch, seq=seq)
+
+    def record(name: str, report: ParityReport, kind: str) -> None:
+        tol = tolerance_for(key, kind)
+        limit = tol.limit(report.ref_scale)
+        result.comparisons[name] = {
+            "max_abs": report.max_abs, "max_rel": report.max_rel, "argmax_agreement": report.argmax_agreement,
+            "positions": report.positions, "tolerance": limit, "passed": report.max_abs <= limit,
+        }
+
+    if merged_dir is not None:
+        merged = load_model(Path(merged_dir), task)
+        merged.eval()
+        record("merged_vs_unmerged", compare_logits(ref, run_torch(merged, inputs), mask), "merged")
+        del merged
+    if onnx_dir is not None:
+        onnx_path = Path(onnx_dir) / "model.onnx"
+        feeds = {k: v for k, v in inputs.items()}
+        record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, feeds, provider), mask), "onnx")
+        past = Path(onnx_dir) / "model_with_past.onnx"
+        if with_past or past.exists():
+            bypass.set_mode(unmerged, "reference")
+            record("onnx_with_past_step", check_with_past(unmerged, past, inputs, provider=provider), "onnx")
+    if raise_on_failure and not result.passed:
+        bad = [f"{n}: max abs {c['max_abs']:.3g} > tolerance {c['tolerance']:.3g} "
+               f"(argmax agreement {100 * c['argmax_agreement']:.1f}%)"
+               for n, c in result.comparisons.items() if not c["passed"]]
+        raise ParityError(f"parity check failed ({key}): " + "; ".join(bad))
+    return result
+
+
+def human(result: dict) -> str:
+    lines = [f"parity ({result['dtype']}, {result['task']}, fresh inputs batch {result['batch']} x seq {result['seq']}, padded):"]
+    for n, c in result["comparisons"].items():
+        lines.append(
+            f"  {n:22s} max abs {c['max_abs']:.3e}  max rel {c['max_rel']:.3e}  argmax {100 * c['argmax_agreement']:.1f}%  "
+            f"tol {c['tolerance']:.1e}  {'ok' if c['passed'] else 'FAILED'}"
+        )
+    return "\n".join(lines)

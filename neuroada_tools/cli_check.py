@@ -1,0 +1,44 @@
+"""``neuroada-tools check``: the standalone parity check of a merged folder and/or an ONNX folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from neuroada_tools.cli import emit, handle_errors
+
+EPILOG = """\b
+Example:
+  neuroada-tools check --model ./base --index base.k20.index.safetensors \\
+      --delta task.delta.safetensors --merged ./merged --onnx ./merged-onnx
+"""
+
+
+@click.command("check", epilog=EPILOG)
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Base model folder.")
+@click.option("--index", required=True, type=click.Path(path_type=Path), help="Index sidecar.")
+@click.option("--delta", required=True, type=click.Path(path_type=Path), help="Delta sidecar.")
+@click.option("--merged", type=click.Path(path_type=Path), default=None, help="Merged safetensors folder.")
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), default=None, help="ONNX folder (model.onnx).")
+@click.option("--with-past", is_flag=True, help="Also check model_with_past.onnx (prefill + one cached step).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", type=click.IntRange(min=2), default=3, show_default=True)
+@click.option("--seq", type=click.IntRange(min=2), default=11, show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def command(model, index, delta, merged, onnx_dir, with_past, provider, batch, seq, seed, as_json) -> None:
+    """Compare logits of the unmerged model (base + bypass) with a merged and/or ONNX export.
+
+    Exit code 0 when every comparison is within tolerance, 1 when one is not.
+    """
+    from neuroada_tools.check import human, run_check
+
+    if merged is None and onnx_dir is None:
+        raise click.UsageError("give --merged and/or --onnx")
+    r = run_check(model, index, delta, merged_dir=merged, onnx_dir=onnx_dir, with_past=with_past,
+                  provider=provider, batch=batch, seq=seq, seed=seed, raise_on_failure=False)
+    emit(r.to_dict(), as_json, human)
+    if not r.passed:
+        raise SystemExit(1)

@@ -1,0 +1,127 @@
+"""``neuroada-tools merge``: sidecars into the base, exported as safetensors or ONNX, parity-checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import click
+
+from neuroada_tools.cli import emit, handle_errors, progress_bar
+from neuroada_tools.errors import OutputError
+
+EPILOG = """\b
+Examples:
+  neuroada-tools merge --model ./base --index base.k20.index.safetensors \\
+      --delta task.delta.safetensors --to safetensors -o ./merged
+  neuroada-tools merge --model ./base --index base.k20.index.safetensors \\
+      --delta task.delta.safetensors --to onnx --with-past -o ./merged-onnx
+"""
+
+
+def parse_size(text: str | None) -> int | None:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000, ``"1000"`` -> 1000."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MiB")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return int(num * ((1024 if binary else 1000) ** power))
+
+
+@click.command("merge", epilog=EPILOG)
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="Base model folder (or checkpoint file).")
+@click.option("--index", "index", required=True, type=click.Path(path_type=Path), help="Index sidecar.")
+@click.option("--delta", "delta", required=True, type=click.Path(path_type=Path), help="Delta sidecar.")
+@click.option("--to", "to", type=click.Choice(["safetensors", "onnx"]), default="safetensors", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Merged weight dtype (default: the base's).")
+@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB); default keeps the base's sharding.")
+@click.option("--onnx-dtype", type=click.Choice(["fp32", "keep"]), default="fp32", show_default=True,
+              help="ONNX compute dtype: fp32 (bf16/fp16 weights upcast) or keep the model's.")
+@click.option("--with-past", is_flag=True, help="ONNX, decoders: also export the KV-cache graph model_with_past.onnx.")
+@click.option("--check/--no-check", default=True, show_default=True, help="Compare logits with the unmerged model after writing.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX Runtime provider for the check.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, with_past, check, provider, force,
+            as_json, quiet) -> None:
+    """Merge W + scatter(delta) into the base and write safetensors or ONNX, then check parity.
+
+    The base is streamed one tensor at a time and never written. The output folder is an ordinary
+    Hugging Face model (safetensors) or a self-contained ONNX folder (model.onnx + config +
+    tokenizer); it appears only when complete.
+    """
+    from neuroada_tools.check import human as human_check
+    from neuroada_tools.check import run_check
+    from neuroada_tools.merge import merge_to_folder, output_dir_checks
+
+    shard = parse_size(max_shard_size)
+    summary: dict = {"to": to}
+    if to == "safetensors":
+        with progress_bar(quiet, "merge") as (set_total, advance, _):
+            s = merge_to_folder(model, index, delta, output, dtype=dtype, max_shard_size=shard, force=force,
+                                progress_total=set_total, progress=advance)
+        summary.update(s.to_dict())
+        merged_dir, onnx_dir = output, None
+    else:
+        from neuroada_tools.onnx_export import export_onnx
+
+        from neuroada_tools.checkpoint import resolve_input
+
+        root, _ = resolve_input(model)
+        output_dir_checks(root, output, force)
+        staging = output.with_name(f".{output.name}.merged-{os.getpid()}")
+        try:
+            with progress_bar(quiet, "merge") as (set_total, advance, _):
+                s = merge_to_folder(model, index, delta, staging, dtype=dtype, max_shard_size=shard, force=True,
+                                    progress_total=set_total, progress=advance)
+            if not quiet:
+                click.echo("exporting ONNX (torch.onnx.export, dynamo, opset 18)...", err=True)
+            if output.exists() and force:
+                shutil.rmtree(output)
+            elif output.exists():
+                raise OutputError(f"{output}: already exists (use --force to overwrite)")
+            r = export_onnx(staging, output, task=s.task, with_past=with_past, dtype=onnx_dtype)
+            summary.update(s.to_dict())
+            summary.update(output=str(output), onnx=str(r.model_path), onnx_with_past=str(r.with_past_path or ""),
+                           onnx_inputs=r.input_names, onnx_outputs=r.output_names, external_data=r.external_data,
+                           export_seconds=round(r.seconds, 2))
+            merged_dir, onnx_dir = staging, output
+            if check:
+                summary["parity"] = _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, quiet)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        emit(summary, as_json, lambda d: _human(d, human_check))
+        return
+    if check:
+        summary["parity"] = _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, quiet)
+    emit(summary, as_json, lambda d: _human(d, human_check))
+
+
+def _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, quiet) -> dict:
+    from neuroada_tools.check import run_check
+    from neuroada_tools.checkpoint import resolve_input
+
+    root, _ = resolve_input(model)
+    r = run_check(root, index, delta, merged_dir=merged_dir, onnx_dir=onnx_dir, with_past=with_past, provider=provider)
+    return r.to_dict()
+
+
+def _human(d: dict, human_check) -> str:
+    lines = [f"wrote {d['output']} ({d['to']})"]
+    lines.append(f"  merged {d['tensors_merged']} tensors, copied {d['tensors_copied']}, "
+                 f"dense head tensors {d['dense_tensors']}, task {d['task']}")
+    if d["to"] == "safetensors":
+        lines.append(f"  files: {', '.join(d['files'])}")
+    else:
+        lines.append(f"  onnx: {d['onnx']}" + (f", {d['onnx_with_past']}" if d.get("onnx_with_past") else ""))
+    if "parity" in d:
+        lines.append(human_check(d["parity"]))
+    return "\n".join(lines)

@@ -1,0 +1,292 @@
+"""Streaming merge of an index + delta into a base checkpoint, written as a Hugging Face folder.
+
+Per base tensor, one at a time: an adapted tensor becomes ``cast(fp32(W) + scatter(delta))``
+(the scatter in logical (out, in) orientation, also for transposed Conv1D storage); every other
+tensor is copied (cast only if ``dtype`` asks). The base's sharding is kept (or re-cut by
+``max_shard_size``), ``model.safetensors.index.json`` written where sharded, config and tokenizer
+files copied. Dense task-head tensors from the delta are added, and when the task model's names
+differ from the base checkpoint's (all-MiniLM-L6-v2 stores ``encoder.layer...``, a
+``BertForSequenceClassification`` expects ``bert.encoder.layer...``) every tensor is written under
+the task model's name, so ``AutoModelFor...from_pretrained(out)`` loads with no missing or
+unexpected keys.
+
+Everything is written into a temporary folder beside the output and renamed into place at the end.
+
+Worked example of the arithmetic (one row, k=2, bf16 base): ``W[0] = [1.0, -2.0, 0.5]``,
+``idx[0] = [0, 1]``, ``delta[0] = [0.25, 0.001]`` -> fp32 ``[1.25, -1.999, 0.5]`` -> bf16
+``[1.25, -2.0, 0.5]`` (the small update rounds away in bf16, exactly as it would in the bypass).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from neuroada_tools.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
+from neuroada_tools.errors import OutputError, SidecarError
+from neuroada_tools.naming import match_names
+from neuroada_tools.safetensors_io import DTYPES, TORCH_TO_ST, FLOAT_DTYPES, StreamingWriter
+from neuroada_tools.sidecar import DeltaSidecar, IndexSidecar, read_delta, read_index, verify_fingerprint
+from neuroada_tools.verify import check_shapes
+
+SIDE_FILES_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+NOT_COPIED = {INDEX_JSON, "config.json"}
+OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class MergeSummary:
+    output: str
+    files: list[str]
+    tensors_merged: int
+    tensors_copied: int
+    dense_tensors: int
+    bytes_written: int
+    dtype: str
+    task: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_tensor(stored: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, transposed: bool,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """``cast(fp32(W) + scatter(delta))`` for one weight, in its stored orientation.
+
+    Example: ``stored = [[1., 2.], [3., 4.]]`` as an nn.Linear weight, ``idx = [[1], [0]]``,
+    ``delta = [[0.5], [-1.]]`` -> ``[[1., 2.5], [2., 4.]]``. For a Conv1D (``transposed``) the
+    same idx/delta address logical rows, i.e. columns of the stored tensor: -> ``[[1., 1.], [3.5, 4.]]``.
+    """
+    w = stored.to(torch.float32, copy=True)
+    logical = w.t() if transposed else w
+    logical.scatter_add_(1, idx.to(torch.int64), delta.to(torch.float32))
+    return w.to(out_dtype)
+
+
+def output_dir_checks(model_root: Path, out: Path, force: bool) -> None:
+    """Refuse an output that is, is inside, or contains the base folder; or exists without force."""
+    base = model_root.resolve()
+    o = out.resolve()
+    if o == base or base in o.parents:
+        raise OutputError(f"{out}: output folder is or lies inside the base model folder {model_root}")
+    if o in base.parents:
+        raise OutputError(f"{out}: output folder contains the base model folder {model_root}")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if not out.parent.exists():
+        raise OutputError(f"{out.parent}: parent folder does not exist")
+
+
+def load_sidecars(index_path: Path, delta_path: Path) -> tuple[IndexSidecar, DeltaSidecar]:
+    index = read_index(index_path)
+    delta = read_delta(delta_path, index)
+    return index, delta
+
+
+def task_names(ckpt: Checkpoint, delta: DeltaSidecar, task: str, config) -> dict[str, str]:
+    """Checkpoint name -> output name. Identity unless a dense head needs the task model's names."""
+    names = {n: n for n in ckpt.tensors}
+    if not delta.dense:
+        return names
+    from neuroada_tools.tasks import meta_parameter_names
+
+    model_names = meta_parameter_names(config, task)
+    mapping = match_names(list(ckpt.tensors), model_names)
+    for dense_name in delta.dense:
+        if dense_name not in model_names:
+            raise SidecarError(f"delta: dense tensor {dense_name!r} is not a parameter of the {task} model")
+    for n in ckpt.tensors:
+        if n in mapping:
+            names[n] = mapping[n]
+    return names
+
+
+def plan_shards(ckpt: Checkpoint, max_shard_size: int | None, out_bytes: dict[str, int]) -> list[list[str]]:
+    """Lists of checkpoint names per output file: the base's own sharding, or a greedy re-cut."""
+    if max_shard_size is None:
+        by_file: dict[Path, list[str]] = {f: [] for f in ckpt.files}
+        for n, ref in ckpt.tensors.items():
+            by_file[ref.file].append(n)
+        return [by_file[f] for f in ckpt.files if by_file[f]]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in ckpt.tensors:
+        if shards[-1] and size + out_bytes[n] > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += out_bytes[n]
+    return shards
+
+
+def shard_file_names(ckpt: Checkpoint, shards: list[list[str]], resharded: bool) -> list[str]:
+    if len(shards) == 1:
+        return ["model.safetensors"]
+    if not resharded and len(ckpt.files) == len(shards):
+        return [f.name for f in ckpt.files]
+    n = len(shards)
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def merge_to_folder(
+    model: Path | str,
+    index_path: Path | str,
+    delta_path: Path | str,
+    out: Path | str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    force: bool = False,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> MergeSummary:
+    """Merge and write an ordinary Hugging Face model folder at ``out`` (atomically)."""
+    out = Path(out)
+    ckpt = open_checkpoint(model)
+    output_dir_checks(ckpt.root, out, force)
+    index, delta = load_sidecars(Path(index_path), Path(delta_path))
+    check_shapes(index, ckpt)
+    task = delta.task or "causal-lm"
+    config = _task_config(ckpt, delta, task)
+    names = task_names(ckpt, delta, task, config)
+    out_dtype = OUT_DTYPES[dtype] if dtype else None
+
+    def target_dtype(st_dtype: str) -> str:
+        if out_dtype is None or st_dtype not in FLOAT_DTYPES:
+            return st_dtype
+        return TORCH_TO_ST[out_dtype]
+
+    # a trained head replaces any head the base already had (e.g. another label count)
+    replaced = [n for n in ckpt.tensors if names[n] in delta.dense]
+    out_bytes = {n: ref.raw.numel * DTYPES[target_dtype(ref.dtype)][1] for n, ref in ckpt.tensors.items()}
+    shards = [[n for n in s if n not in replaced] for s in plan_shards(ckpt, max_shard_size, out_bytes)]
+    shards = [s for s in shards if s]
+    files = shard_file_names(ckpt, shards, max_shard_size is not None)
+    head_dtype = out_dtype or _dominant_float(ckpt)
+    dense = {n: t.to(head_dtype) for n, t in sorted(delta.dense.items())}
+    meta = {"format": "pt", "neuroada.index_sha256": index.digest, "neuroada.delta_sha256": delta.digest}
+    if progress_total:
+        progress_total(ckpt.total_bytes)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        weight_map: dict[str, str] = {}
+        buffer = ckpt.buffer_for(list(ckpt.tensors))
+        merged = written = 0
+        for i, (shard, fname) in enumerate(zip(shards, files)):
+            entries = [(names[n], target_dtype(ckpt.tensors[n].dtype), ckpt.tensors[n].shape) for n in shard]
+            extra = list(dense.items()) if i == len(shards) - 1 else []
+            entries += [(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in extra]
+            w = StreamingWriter(tmp / fname, entries, meta)
+            try:
+                for n in shard:
+                    stored = ckpt.read(n, buffer)
+                    dt = DTYPES[target_dtype(ckpt.tensors[n].dtype)][0]
+                    if n in index.indices:
+                        entry = index.entries[n]
+                        logical = stored.t() if entry.transposed else stored
+                        verify_fingerprint(index, n, logical, str(ckpt.root))
+                        t = merge_tensor(stored, index.indices[n], delta.deltas[n], entry.transposed, dt)
+                        merged += 1
+                    else:
+                        t = stored if stored.dtype == dt else stored.to(dt)
+                    w.write(names[n], t)
+                    weight_map[names[n]] = fname
+                    written += t.numel() * t.element_size()
+                    if progress:
+                        progress(ckpt.tensors[n].raw.nbytes)
+                for n, t in extra:
+                    w.write(n, t)
+                    weight_map[n] = fname
+                    written += t.numel() * t.element_size()
+                w.close()
+            except BaseException:
+                w.abort()
+                raise
+        if len(files) > 1:
+            doc = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_JSON).write_text(json.dumps(doc, indent=2) + "\n")
+        _write_config(ckpt, tmp, config, out_dtype, delta)
+        _copy_side_files(ckpt.root, tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeSummary(
+        output=str(out), files=files, tensors_merged=merged, tensors_copied=len(ckpt.tensors) - merged - len(replaced),
+        dense_tensors=len(dense), bytes_written=written,
+        dtype=str(out_dtype or "base").removeprefix("torch."), task=task,
+    )
+
+
+def _dominant_float(ckpt: Checkpoint) -> torch.dtype:
+    sizes: dict[str, int] = {}
+    for ref in ckpt.tensors.values():
+        if ref.dtype in FLOAT_DTYPES:
+            sizes[ref.dtype] = sizes.get(ref.dtype, 0) + ref.raw.nbytes
+    return DTYPES[max(sizes, key=sizes.get)][0] if sizes else torch.float32
+
+
+def _task_config(ckpt: Checkpoint, delta: DeltaSidecar, task: str):
+    if not delta.dense:
+        return None
+    from neuroada_tools.tasks import task_config
+
+    labels = delta.info.get("label_names") or None
+    return task_config(ckpt.root, task, num_labels=delta.info.get("num_labels"), label_names=labels)
+
+
+def _write_config(ckpt: Checkpoint, tmp: Path, config, out_dtype: torch.dtype | None, delta: DeltaSidecar) -> None:
+    if config is not None:  # task model: the config transformers needs to rebuild the head
+        config.architectures = [_task_arch(config, delta.task)]
+        if out_dtype is not None:
+            config.dtype = out_dtype
+        config.save_pretrained(str(tmp))
+        return
+    src = ckpt.root / "config.json"
+    if not src.is_file():
+        return
+    if out_dtype is None:
+        shutil.copyfile(src, tmp / "config.json")
+        return
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    name = str(out_dtype).removeprefix("torch.")
+    doc["dtype"] = name
+    if "torch_dtype" in doc:
+        doc["torch_dtype"] = name
+    (tmp / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _task_arch(config, task: str) -> str:
+    from neuroada_tools.tasks import auto_class
+
+    cls = auto_class(task)
+    return cls._model_mapping[type(config)].__name__
+
+
+def _copy_side_files(root: Path, tmp: Path) -> None:
+    for f in sorted(root.iterdir()):
+        if f.is_file() and f.suffix in SIDE_FILES_SUFFIXES and f.name not in NOT_COPIED and not (tmp / f.name).exists():
+            shutil.copyfile(f, tmp / f.name)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing ``out`` (with --force) goes only after."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
