@@ -56,17 +56,32 @@ class MergeSummary:
 
 
 def merge_tensor(stored: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, transposed: bool,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype, *, inplace: bool = False) -> torch.Tensor:
     """``cast(fp32(W) + scatter(delta))`` for one weight, in its stored orientation.
+
+    Only the ``d_out * k`` selected entries change: they are gathered, added in fp32 and cast once;
+    every other entry is ``cast(fp32(W)) = W`` (exact when the dtype is kept). So no fp32 copy of
+    the whole weight is made, and with ``inplace`` and the same dtype the stored tensor is updated
+    where it lies.
 
     Example: ``stored = [[1., 2.], [3., 4.]]`` as an nn.Linear weight, ``idx = [[1], [0]]``,
     ``delta = [[0.5], [-1.]]`` -> ``[[1., 2.5], [2., 4.]]``. For a Conv1D (``transposed``) the
     same idx/delta address logical rows, i.e. columns of the stored tensor: -> ``[[1., 1.], [3.5, 4.]]``.
     """
-    w = stored.to(torch.float32, copy=True)
-    logical = w.t() if transposed else w
-    logical.scatter_add_(1, idx.to(torch.int64), delta.to(torch.float32))
-    return w.to(out_dtype)
+    d_out, k = idx.shape
+    rows = torch.arange(d_out, dtype=torch.int64).unsqueeze(1)
+    cols = idx.to(torch.int64)
+    # flat offsets into the stored (contiguous) tensor: [out, in] -> r*d_in + c; [in, out] -> c*d_out + r
+    flat = (cols * d_out + rows) if transposed else (rows * stored.shape[1] + cols)
+    flat = flat.view(-1)
+    src = stored.contiguous().view(-1)
+    values = (src[flat].to(torch.float32) + delta.to(torch.float32).view(-1)).to(out_dtype)
+    if out_dtype == stored.dtype and inplace and stored.is_contiguous():
+        out = stored
+    else:
+        out = stored.to(out_dtype, copy=True).contiguous()
+    out.view(-1)[flat] = values
+    return out
 
 
 def output_dir_checks(model_root: Path, out: Path, force: bool) -> None:
@@ -197,7 +212,7 @@ def merge_to_folder(
                         entry = index.entries[n]
                         logical = stored.t() if entry.transposed else stored
                         verify_fingerprint(index, n, logical, str(ckpt.root))
-                        t = merge_tensor(stored, index.indices[n], delta.deltas[n], entry.transposed, dt)
+                        t = merge_tensor(stored, index.indices[n], delta.deltas[n], entry.transposed, dt, inplace=True)
                         merged += 1
                     else:
                         t = stored if stored.dtype == dt else stored.to(dt)

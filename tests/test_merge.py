@@ -166,7 +166,7 @@ def test_onnx_parity(merged, fixture_models, arch, tmp_path):
 def _wrong_merge(monkeypatch, how: str):
     real = merge_mod.merge_tensor
 
-    def wrong(stored, idx, delta, transposed, out_dtype):
+    def wrong(stored, idx, delta, transposed, out_dtype, **kw):
         if how == "transposed":  # delta added at transposed positions (square weights only)
             return real(stored, idx, delta, not transposed, out_dtype) if stored.shape[0] == stored.shape[1] else real(stored, idx, delta, transposed, out_dtype)
         w = stored.to(torch.bfloat16).to(torch.float32)  # cast to bf16 before adding
