@@ -1,9 +1,10 @@
 """Export a merged Hugging Face model folder to ONNX.
 
 What it does: load an ordinary (merged) model folder with transformers -- a causal LM through
-``AutoModelForCausalLM`` or an encoder classifier through ``AutoModelForSequenceClassification``,
-never with ``trust_remote_code`` and never from the network -- wrap it in a small module that returns
-only the logits, and export that with ``torch.onnx.export(..., dynamo=True, opset_version=18)``.
+``AutoModelForCausalLM``, an encoder classifier through ``AutoModelForSequenceClassification`` or
+``AutoModelForMultipleChoice``, never with ``trust_remote_code`` and never from the network -- wrap
+it in a small module that returns only the logits, and export that with
+``torch.onnx.export(..., dynamo=True, opset_version=18)``.
 
 Files written into ``out_dir`` (which must not exist yet, or be empty):
 
@@ -11,7 +12,8 @@ Files written into ``out_dir`` (which must not exist yet, or be empty):
     inputs ``input_ids`` [batch, sequence] int64, ``attention_mask`` [batch, sequence] int64 and,
     for BERT-like models (forward takes ``token_type_ids`` and ``config.type_vocab_size >= 2``),
     ``token_type_ids``; one output ``logits``: [batch, sequence, vocab] for a causal LM,
-    [batch, num_labels] for a classifier. Same semantics as ``model(input_ids, attention_mask)``
+    [batch, num_labels] for a classifier. Multiple-choice models take [batch, num_choices, sequence]
+    inputs and give [batch, num_choices] logits. Same semantics as ``model(input_ids, attention_mask)``
     (default position ids, so right padding gives the logits of the unpadded rows).
 ``model_with_past.onnx`` (``with_past=True``, causal LMs only)
     the KV-cache step, named as optimum names it: inputs ``input_ids`` [batch, sequence],
@@ -65,7 +67,7 @@ from neuroada_tools.errors import ModelError, OutputError
 OPSET = 18
 MODEL_FILE = "model.onnx"
 MODEL_WITH_PAST_FILE = "model_with_past.onnx"
-TASKS = ("causal-lm", "classification")
+TASKS = ("causal-lm", "classification", "multiple-choice")  # as in tasks.py
 DTYPES = ("fp32", "keep")
 
 #: Weights above this many bytes go to a ``.data`` file beside the graph. Protobuf caps a message
@@ -76,6 +78,7 @@ EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 EXPORT_BATCH = 2
 EXPORT_SEQ = 8
 EXPORT_PAST = 5
+EXPORT_CHOICES = 3
 
 COPIED_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -242,23 +245,30 @@ class LogitsWithPast(nn.Module):
 
 
 def detect_task(config) -> str:
-    """``causal-lm`` or ``classification`` from ``config.architectures``."""
+    """``causal-lm``, ``classification`` or ``multiple-choice`` from ``config.architectures``."""
     archs = list(getattr(config, "architectures", None) or [])
     for arch in archs:
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
             return "causal-lm"
         if arch.endswith("ForSequenceClassification"):
             return "classification"
+        if arch.endswith("ForMultipleChoice"):
+            return "multiple-choice"
     raise ModelError(
         f"config.json: cannot tell the task from architectures {archs}; "
-        f"expected a *ForCausalLM or *ForSequenceClassification class, or pass task= one of {TASKS}"
+        f"expected *ForCausalLM, *ForSequenceClassification or *ForMultipleChoice, or pass task= one of {TASKS}"
     )
 
 
 def load_model(model_dir: Path, task: str | None = None) -> tuple[nn.Module, str]:
     """Load ``model_dir`` with transformers (local files only, no remote code) in eval mode."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMultipleChoice,
+        AutoModelForSequenceClassification,
+    )
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -270,7 +280,11 @@ def load_model(model_dir: Path, task: str | None = None) -> tuple[nn.Module, str
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"{model_dir}/config.json: cannot load: {first_line(e)}") from e
     task = task or detect_task(config)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    auto = {
+        "causal-lm": AutoModelForCausalLM,
+        "classification": AutoModelForSequenceClassification,
+        "multiple-choice": AutoModelForMultipleChoice,
+    }[task]
     try:
         with quiet():
             model, info = auto.from_pretrained(
@@ -308,7 +322,7 @@ def export_onnx(
 ) -> ExportResult:
     """Export the model folder ``model_dir`` to ``out_dir/model.onnx`` (and ``model_with_past.onnx``).
 
-    ``task``: "causal-lm" | "classification", default from ``config.architectures``.
+    ``task``: "causal-lm" | "classification" | "multiple-choice", default from ``config.architectures``.
     ``dtype``: "fp32" (upcast bf16/fp16 weights) or "keep". ``external_data``: None decides by size
     (``EXTERNAL_DATA_THRESHOLD``); True/False forces it. ``progress`` receives one short line per stage.
     """
@@ -334,7 +348,7 @@ def export_onnx(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         say(f"exporting {MODEL_FILE} ({task}, {str(model_dtype).removeprefix('torch.')}, opset {OPSET})")
-        in_names, out_names = export_plain(model, tmp / MODEL_FILE, external_data)
+        in_names, out_names = export_plain(model, tmp / MODEL_FILE, external_data, task)
         result = ExportResult(
             out_dir=out_dir,
             model_path=out_dir / MODEL_FILE,
@@ -409,12 +423,18 @@ def example_inputs(model: nn.Module, batch: int, seq: int, *, seed: int = 0) -> 
     return inputs
 
 
-def export_plain(model: nn.Module, path: Path, external_data: bool) -> tuple[list[str], list[str]]:
-    inputs = example_inputs(model, EXPORT_BATCH, EXPORT_SEQ)
-    wrapper = (LogitsOnlyWithTokenTypes if "token_type_ids" in inputs else LogitsOnly)(model).eval()
+def export_plain(model: nn.Module, path: Path, external_data: bool, task: str) -> tuple[list[str], list[str]]:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    if task == "multiple-choice":  # inputs [batch, num_choices, sequence]
+        inputs = example_inputs(model, EXPORT_BATCH * EXPORT_CHOICES, EXPORT_SEQ)
+        inputs = {k: v.view(EXPORT_BATCH, EXPORT_CHOICES, EXPORT_SEQ) for k, v in inputs.items()}
+        axes = {0: batch, 1: torch.export.Dim("num_choices"), 2: seq}
+    else:
+        inputs = example_inputs(model, EXPORT_BATCH, EXPORT_SEQ)
+        axes = {0: batch, 1: seq}
+    wrapper = (LogitsOnlyWithTokenTypes if "token_type_ids" in inputs else LogitsOnly)(model).eval()
     names = list(inputs)
-    dynamic = {name: {0: batch, 1: seq} for name in names}
+    dynamic = {name: axes for name in names}
     run_exporter(wrapper, tuple(inputs.values()), path, names, ["logits"], dynamic, external_data)
     return check_graph(path, names, ["logits"])
 
