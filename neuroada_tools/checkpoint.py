@@ -120,8 +120,14 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
 
 def _read_shard_map(index_path: Path) -> dict[str, Path]:
     label = index_path.name
-    if index_path.stat().st_size > MAX_INDEX_JSON_BYTES:
-        raise CheckpointError(f"{label}: larger than 64 MB, not a shard index")
+    try:
+        if index_path.stat().st_size > MAX_INDEX_JSON_BYTES:
+            raise CheckpointError(f"{label}: larger than 64 MB, not a shard index")
+        text = index_path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"{label}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{label}: invalid JSON ({e})") from None
 
     def no_dupes(pairs: list[tuple[str, object]]) -> dict[str, object]:
         seen: dict[str, object] = {}
@@ -132,9 +138,11 @@ def _read_shard_map(index_path: Path) -> dict[str, Path]:
         return seen
 
     try:
-        doc = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=no_dupes)
-    except (UnicodeDecodeError, ValueError) as e:
+        doc = json.loads(text, object_pairs_hook=no_dupes)
+    except ValueError as e:
         raise CheckpointError(f"{label}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{label}: invalid JSON (nested too deeply)") from None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{label}: no weight_map")
@@ -149,7 +157,11 @@ def _read_shard_map(index_path: Path) -> dict[str, Path]:
             if pp.is_absolute() or "\\" in shard or ".." in pp.parts or shard.startswith("~"):
                 raise CheckpointError(f"{label}: shard path {shard!r} lies outside the model folder")
             f = root / pp
-            if not f.is_file():
+            try:
+                present = f.is_file()
+            except OSError:  # e.g. a name too long for the file system
+                present = False
+            if not present:
                 raise CheckpointError(f"{label}: shard {shard!r} is missing")
             checked[shard] = f
         out[name] = checked[shard]
@@ -162,8 +174,12 @@ def _read_config(root: Path) -> dict | None:
         return None
     try:
         doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{cfg}: cannot read ({e.strerror or e})") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfg}: invalid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{cfg}: not a JSON object")
     return doc

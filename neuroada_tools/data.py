@@ -148,6 +148,10 @@ DEFAULT_MAX_RECORD_BYTES = 1 << 20
 DEFAULT_MAX_FILE_BYTES = 2 << 30
 """Largest JSON-list file accepted, in bytes (2 GiB); a JSON list is parsed whole, JSONL is not."""
 
+MAX_INFERRED_LABELS = 100_000
+"""Largest class count inferred from integer labels (``max + 1``) without ``num_labels``: a stray
+``1e12`` label would otherwise build a billion label names."""
+
 _ARC_PREFIX = "Please choose the correct answer to the question:"
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 _BOM = b"\xef\xbb\xbf"
@@ -323,6 +327,8 @@ def _read_jsonl(
             ) from None
         except RecursionError:
             raise DataError(f"{path} line {lineno}: JSON nested too deeply") from None
+        except ValueError as e:  # not a syntax error: e.g. an integer over Python's digit limit
+            raise DataError(f"{path} line {lineno}: invalid JSON ({e})") from None
         if not isinstance(obj, dict):
             raise DataError(
                 f"{path} line {lineno}: expected a JSON object, found {_json_type(obj)}"
@@ -341,9 +347,9 @@ def _read_json_list(
             f"{path}: file is {size} bytes, over the limit of {max_file_bytes} bytes for a "
             "JSON list (use JSONL, one object per line, for larger data)"
         )
-    raw = f.read(max_file_bytes + 1)
-    if len(raw) > max_file_bytes:  # the file grew after fstat
-        raise DataError(f"{path}: file is over the limit of {max_file_bytes} bytes")
+    raw = f.read(size + 1)  # read(n) reserves n bytes up front: ask for what the file holds
+    if len(raw) > size:  # the file grew after fstat
+        raise DataError(f"{path}: file changed while being read")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -381,6 +387,8 @@ def _read_json_list(
                 raise DataError(
                     f"{path} line {line_col(start)[0]}: JSON nested too deeply"
                 ) from None
+            except ValueError as e:  # e.g. an integer over Python's digit limit
+                raise DataError(f"{path} line {line_col(start)[0]}: invalid JSON ({e})") from None
             last_line += text.count("\n", last_pos, start)
             last_pos = start
             where = f"record {len(records) + 1} (line {last_line})"
@@ -467,6 +475,13 @@ def _field_str(
     value = record[name]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {name!r} must be a string, found {_json_type(value)}")
+    if not value.isascii():  # JSON's "\\ud800" escapes decode to lone surrogates: not text
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"{where}: field {name!r} is not valid Unicode (lone surrogate at character {e.start + 1})"
+            ) from None
     if nonempty and not value.strip():
         raise DataError(f"{where}: field {name!r} is empty")
     return value
@@ -690,7 +705,7 @@ def _raw_label(record: Mapping[str, Any], field: str, where: str) -> int | str:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: label field {field!r} is empty")
-        return value
+        return _field_str(record, field, where, fmt="classification")  # the Unicode check
     raise DataError(
         f"{where}: label field {field!r} must be an integer or a string, found {_json_type(value)}"
     )
@@ -744,6 +759,11 @@ def _map_labels(
                 raise DataError(
                     f"{loc.at(i)}: label {value} is outside range({num_labels}) "
                     f"(num_labels={num_labels})"
+                )
+            if num_labels is None and value >= MAX_INFERRED_LABELS:
+                raise DataError(
+                    f"{loc.at(i)}: label {value} would make {value + 1} classes (more than "
+                    f"{MAX_INFERRED_LABELS} are not inferred from the data); pass the number of labels"
                 )
         n = num_labels if num_labels is not None else max(int_ids) + 1
         return int_ids, [f"LABEL_{k}" for k in range(n)]

@@ -19,6 +19,7 @@ Worked example of the arithmetic (one row, k=2, bf16 base): ``W[0] = [1.0, -2.0,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from neuroada_tools.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
 from neuroada_tools.errors import OutputError, SidecarError
 from neuroada_tools.naming import match_names
 from neuroada_tools.safetensors_io import DTYPES, TORCH_TO_ST, FLOAT_DTYPES, StreamingWriter
-from neuroada_tools.sidecar import DeltaSidecar, IndexSidecar, read_delta, read_index, verify_fingerprint
+from neuroada_tools.sidecar import DENSE_PREFIX, DeltaSidecar, IndexSidecar, read_delta, read_index, verify_fingerprint
 from neuroada_tools.verify import check_shapes
 
 SIDE_FILES_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -56,7 +57,7 @@ class MergeSummary:
 
 
 def merge_tensor(stored: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, transposed: bool,
-                 out_dtype: torch.dtype, *, inplace: bool = False) -> torch.Tensor:
+                 out_dtype: torch.dtype, *, inplace: bool = False, name: str = "tensor") -> torch.Tensor:
     """``cast(fp32(W) + scatter(delta))`` for one weight, in its stored orientation.
 
     Only the ``d_out * k`` selected entries change: they are gathered, added in fp32 and cast once;
@@ -67,6 +68,9 @@ def merge_tensor(stored: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, t
     Example: ``stored = [[1., 2.], [3., 4.]]`` as an nn.Linear weight, ``idx = [[1], [0]]``,
     ``delta = [[0.5], [-1.]]`` -> ``[[1., 2.5], [2., 4.]]``. For a Conv1D (``transposed``) the
     same idx/delta address logical rows, i.e. columns of the stored tensor: -> ``[[1., 1.], [3.5, 4.]]``.
+
+    A sum that is finite in fp32 but not after the cast (``1e38`` added to an fp16 weight), or a
+    finite base value that the cast makes infinite, raises ``SidecarError`` naming ``name``.
     """
     d_out, k = idx.shape
     rows = torch.arange(d_out, dtype=torch.int64).unsqueeze(1)
@@ -75,12 +79,39 @@ def merge_tensor(stored: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, t
     flat = (cols * d_out + rows) if transposed else (rows * stored.shape[1] + cols)
     flat = flat.view(-1)
     src = stored.contiguous().view(-1)
-    values = (src[flat].to(torch.float32) + delta.to(torch.float32).view(-1)).to(out_dtype)
+    base = src[flat]
+    values = (base.to(torch.float32) + delta.to(torch.float32).view(-1)).to(out_dtype)
+    if out_dtype.is_floating_point:
+        bad = ~torch.isfinite(values) & torch.isfinite(base)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            r, c = j // k, int(cols.view(-1)[j])
+            raise SidecarError(
+                f"{name!r}: merged value W[{r}, {c}] = {float(base[j]):.6g} + {float(delta.reshape(-1)[j]):.6g} "
+                f"overflows {str(out_dtype).removeprefix('torch.')}; the delta is unusable with this base/dtype"
+            )
     if out_dtype == stored.dtype and inplace and stored.is_contiguous():
         out = stored
     else:
-        out = stored.to(out_dtype, copy=True).contiguous()
+        out = checked_cast(stored, out_dtype, name).contiguous()
     out.view(-1)[flat] = values
+    return out
+
+
+def checked_cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``t.to(dtype)`` (a copy), refusing finite values that the cast turns into Inf.
+
+    Example: an fp32 weight holding ``1e5`` cast to fp16 (max 65504) raises ``SidecarError``.
+    """
+    out = t.to(dtype, copy=True)
+    if dtype.is_floating_point and t.dtype != dtype and t.is_floating_point():
+        bad = ~torch.isfinite(out) & torch.isfinite(t)
+        if bool(bad.any()):
+            j = int(bad.reshape(-1).nonzero()[0])
+            raise SidecarError(
+                f"{name!r}: value {float(t.reshape(-1)[j]):.6g} overflows {str(dtype).removeprefix('torch.')} "
+                "(choose another --dtype)"
+            )
     return out
 
 
@@ -186,7 +217,7 @@ def merge_to_folder(
     shards = [s for s in shards if s]
     files = shard_file_names(ckpt, shards, max_shard_size is not None)
     head_dtype = out_dtype or _dominant_float(ckpt)
-    dense = {n: t.to(head_dtype) for n, t in sorted(delta.dense.items())}
+    dense = {n: checked_cast(t, head_dtype, DENSE_PREFIX + n) for n, t in sorted(delta.dense.items())}
     meta = {"format": "pt", "neuroada.index_sha256": index.digest, "neuroada.delta_sha256": delta.digest}
     if progress_total:
         progress_total(ckpt.total_bytes)
@@ -212,10 +243,11 @@ def merge_to_folder(
                         entry = index.entries[n]
                         logical = stored.t() if entry.transposed else stored
                         verify_fingerprint(index, n, logical, str(ckpt.root))
-                        t = merge_tensor(stored, index.indices[n], delta.deltas[n], entry.transposed, dt, inplace=True)
+                        t = merge_tensor(stored, index.indices[n], delta.deltas[n], entry.transposed, dt,
+                                         inplace=True, name=n)
                         merged += 1
                     else:
-                        t = stored if stored.dtype == dt else stored.to(dt)
+                        t = stored if stored.dtype == dt else checked_cast(stored, dt, n)
                     w.write(names[n], t)
                     weight_map[names[n]] = fname
                     written += t.numel() * t.element_size()
@@ -231,7 +263,7 @@ def merge_to_folder(
                 raise
         if len(files) > 1:
             doc = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_JSON).write_text(json.dumps(doc, indent=2) + "\n")
+            _write_text(tmp / INDEX_JSON, json.dumps(doc, indent=2) + "\n")
         _write_config(ckpt, tmp, config, out_dtype, delta)
         _copy_side_files(ckpt.root, tmp)
         _replace(tmp, out)
@@ -273,14 +305,14 @@ def _write_config(ckpt: Checkpoint, tmp: Path, config, out_dtype: torch.dtype | 
     if not src.is_file():
         return
     if out_dtype is None:
-        shutil.copyfile(src, tmp / "config.json")
+        _copy(src, tmp / "config.json")
         return
     doc = json.loads(src.read_text(encoding="utf-8"))
     name = str(out_dtype).removeprefix("torch.")
     doc["dtype"] = name
     if "torch_dtype" in doc:
         doc["torch_dtype"] = name
-    (tmp / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    _write_text(tmp / "config.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _task_arch(config, task: str) -> str:
@@ -293,7 +325,25 @@ def _task_arch(config, task: str) -> str:
 def _copy_side_files(root: Path, tmp: Path) -> None:
     for f in sorted(root.iterdir()):
         if f.is_file() and f.suffix in SIDE_FILES_SUFFIXES and f.name not in NOT_COPIED and not (tmp / f.name).exists():
-            shutil.copyfile(f, tmp / f.name)
+            _copy(f, tmp / f.name)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """``shutil.copyfile`` whose write errors name ``dst``: on a full disk shutil names the
+    *source*, which would read as if the base model were at fault."""
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise OSError(e.errno, e.strerror or str(e), str(dst)) from None
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def _replace(tmp: Path, out: Path) -> None:

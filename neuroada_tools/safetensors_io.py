@@ -78,6 +78,13 @@ class Header:
     file_size: int
 
 
+def short_repr(value: object, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages quote untrusted values, which
+    may be megabytes long. Example: ``short_repr([1] * 1000, 12) == '[1, 1, 1, 1...'``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
@@ -122,11 +129,15 @@ def read_header(path: Path | str, error: type[NeuroAdaError] = CheckpointError) 
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise error(f"{label}: not a safetensors file (header is not valid JSON: {e})") from None
+    except RecursionError:
+        raise error(f"{label}: not a safetensors file (header JSON nested too deeply)") from None
     if not isinstance(doc, dict):
         raise error(f"{label}: not a safetensors file (header is not a JSON object)")
     data_start = 8 + n
     data_len = size - data_start
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -147,6 +158,23 @@ def read_header(path: Path | str, error: type[NeuroAdaError] = CheckpointError) 
     return Header(path=path, tensors=tensors, metadata=dict(metadata), file_size=size)
 
 
+MAX_SPAN = 2**63 - 1  # strides must fit int64, also for a zero-size tensor such as [0, 2**70]
+
+
+def _span(shape: list[int]) -> int:
+    """The product of ``max(d, 1)`` over ``shape``, stopping once it passes ``MAX_SPAN``.
+
+    Bounded work for hostile shapes (no huge integer products), and a zero dimension does not
+    hide a dimension torch cannot represent. Example: ``[0, 2**70]`` -> over ``MAX_SPAN``.
+    """
+    span = 1
+    for d in shape:
+        span *= max(d, 1)
+        if span > MAX_SPAN:
+            return span
+    return span
+
+
 def _parse_entry(
     label: str, name: str, info: object, data_start: int, data_len: int, error: type[NeuroAdaError]
 ) -> RawTensor:
@@ -155,21 +183,23 @@ def _parse_entry(
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype not in DTYPES:
-        raise error(f"{label}: tensor {name!r}: unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise error(f"{label}: tensor {name!r}: unsupported dtype {short_repr(dtype)}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise error(f"{label}: tensor {name!r}: invalid shape {shape!r}")
+        raise error(f"{label}: tensor {name!r}: invalid shape {short_repr(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise error(f"{label}: tensor {name!r}: invalid data_offsets {offsets!r}")
+        raise error(f"{label}: tensor {name!r}: invalid data_offsets {short_repr(offsets)}")
+    if _span(shape) > MAX_SPAN:
+        raise error(f"{label}: tensor {name!r}: invalid shape {short_repr(shape)} (too large)")
     begin, end = offsets
     if not 0 <= begin <= end:
-        raise error(f"{label}: tensor {name!r}: invalid data_offsets {offsets!r}")
+        raise error(f"{label}: tensor {name!r}: invalid data_offsets {short_repr(offsets)}")
     if end > data_len:
         raise error(
             f"{label}: truncated: tensor {name!r} ends at byte {end} "
@@ -178,7 +208,7 @@ def _parse_entry(
     expected = math.prod(shape) * DTYPES[dtype][1]
     if end - begin != expected:
         raise error(
-            f"{label}: tensor {name!r}: {end - begin} bytes for shape {shape} {dtype} "
+            f"{label}: tensor {name!r}: {end - begin} bytes for shape {short_repr(shape)} {dtype} "
             f"(expected {expected})"
         )
     return RawTensor(name, dtype, tuple(shape), data_start + begin, data_start + end)
@@ -257,7 +287,10 @@ class StreamingWriter:
             )
         t = tensor.detach().contiguous().cpu()
         if nbytes:
-            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            try:
+                self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            except OSError as e:  # disk full: say which file (the bare error has no name)
+                raise _named(e, self.path) from None
         self._next += 1
 
     def close(self) -> None:
@@ -265,13 +298,27 @@ class StreamingWriter:
         try:
             if self._next != len(self._expected):
                 raise ValueError(f"{self.path.name}: {len(self._expected) - self._next} tensors not written")
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except OSError as e:
+                raise _named(e, self.path) from None
         finally:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass  # the flush above already failed and said why
 
     def abort(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass  # unflushed bytes of a file that is being thrown away
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with ``path`` as its file name, so the CLI's one-line error says where."""
+    return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def write_file(

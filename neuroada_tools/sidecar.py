@@ -20,7 +20,7 @@ import torch
 
 from neuroada_tools import __version__
 from neuroada_tools.errors import FingerprintError, SidecarError
-from neuroada_tools.safetensors_io import read_all, read_header, write_file
+from neuroada_tools.safetensors_io import read_all, read_header, short_repr, write_file
 from neuroada_tools.select import CRITERIA
 
 INDEX_MAGIC = "neuroada-index"
@@ -30,6 +30,8 @@ DENSE_PREFIX = "dense."
 LAYOUTS = ("out_in", "in_out")
 FINGERPRINT_ROWS = 16
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_D_IN = 2**31 - 1  # I4: column indices are int32 (and torch compares them to d_in in int32)
+MAX_D_OUT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -167,11 +169,11 @@ def _common(path: Path, magic: str) -> tuple[dict[str, str], dict[str, torch.Ten
     found = meta.get("neuroada.magic")
     if found != magic:
         other = {INDEX_MAGIC: "an index", DELTA_MAGIC: "a delta"}.get(found or "")
-        what = f"it is {other} sidecar" if other else f"magic is {found!r}"
+        what = f"it is {other} sidecar" if other else f"magic is {short_repr(found)}"
         raise SidecarError(f"{label}: not {'an index' if magic == INDEX_MAGIC else 'a delta'} sidecar ({what})")
     version = meta.get("neuroada.version")
     if version != str(FORMAT_VERSION):
-        raise SidecarError(f"{label}: unsupported format version {version!r} (this tool reads {FORMAT_VERSION})")
+        raise SidecarError(f"{label}: unsupported format version {short_repr(version)} (this tool reads {FORMAT_VERSION})")
     return meta, read_all(path, header, SidecarError), file_digest(path)
 
 
@@ -183,7 +185,7 @@ def read_index(path: Path | str) -> IndexSidecar:
     k = _int_field(label, meta, "neuroada.k", minimum=1)
     criterion = meta.get("neuroada.criterion")
     if criterion not in CRITERIA:
-        raise SidecarError(f"{label}: neuroada.criterion {criterion!r} not one of {', '.join(CRITERIA)}")
+        raise SidecarError(f"{label}: neuroada.criterion {short_repr(criterion)} not one of {', '.join(CRITERIA)}")
     seed_s = meta.get("neuroada.seed", "")
     seed = None
     if seed_s:
@@ -215,7 +217,7 @@ def read_index(path: Path | str) -> IndexSidecar:
 def _int_field(label: str, meta: dict[str, str], key: str, minimum: int) -> int:
     raw = meta.get(key)
     if raw is None or not re.fullmatch(r"[0-9]{1,12}", raw) or int(raw) < minimum:
-        raise SidecarError(f"{label}: {key} must be an integer >= {minimum}, found {raw!r}")
+        raise SidecarError(f"{label}: {key} must be an integer >= {minimum}, found {short_repr(raw)}")
     return int(raw)
 
 
@@ -226,6 +228,8 @@ def _parse_entries(label: str, raw: str | None) -> dict[str, TensorEntry]:
         doc = json.loads(raw)
     except ValueError as e:
         raise SidecarError(f"{label}: neuroada.tensors is not valid JSON ({e})") from None
+    except RecursionError:
+        raise SidecarError(f"{label}: neuroada.tensors is nested too deeply") from None
     if not isinstance(doc, dict):
         raise SidecarError(f"{label}: neuroada.tensors must be a JSON object")
     out: dict[str, TensorEntry] = {}
@@ -238,14 +242,16 @@ def _parse_entries(label: str, raw: str | None) -> dict[str, TensorEntry]:
             not isinstance(shape, list)
             or len(shape) != 2
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            or shape[0] > MAX_D_OUT
+            or shape[1] > MAX_D_IN
         ):
-            raise SidecarError(f"{where}: shape must be [d_out, d_in] of positive integers, found {shape!r}")
+            raise SidecarError(f"{where}: shape must be [d_out, d_in] of positive integers, found {short_repr(shape)}")
         layout = e.get("layout")
         if layout not in LAYOUTS:
-            raise SidecarError(f"{where}: layout must be 'out_in' or 'in_out', found {layout!r}")
+            raise SidecarError(f"{where}: layout must be 'out_in' or 'in_out', found {short_repr(layout)}")
         dtype = e.get("dtype")
         if dtype not in ("F64", "F32", "F16", "BF16"):
-            raise SidecarError(f"{where}: dtype must be a float dtype, found {dtype!r}")
+            raise SidecarError(f"{where}: dtype must be a float dtype, found {short_repr(dtype)}")
         fp = e.get("fingerprint")
         if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
             raise SidecarError(f"{where}: fingerprint must be 64 lowercase hex digits")
@@ -286,6 +292,8 @@ def read_delta(path: Path | str, index: IndexSidecar | None = None) -> DeltaSide
         info = json.loads(meta.get("neuroada.info", "{}") or "{}")
     except ValueError as e:
         raise SidecarError(f"{label}: neuroada.info is not valid JSON ({e})") from None
+    except RecursionError:
+        raise SidecarError(f"{label}: neuroada.info is nested too deeply") from None
     if not isinstance(info, dict):
         raise SidecarError(f"{label}: neuroada.info must be a JSON object")
     deltas: dict[str, torch.Tensor] = {}
