@@ -60,7 +60,7 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
     """
     from neuroada_tools.check import human as human_check
     from neuroada_tools.check import run_check
-    from neuroada_tools.merge import merge_to_folder, output_dir_checks
+    from neuroada_tools.merge import merge_to_folder, output_dir_checks, remove_stale_temporaries, replace_dir
 
     shard = parse_size(max_shard_size)
     summary: dict = {"to": to}
@@ -77,6 +77,7 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
 
         root, _ = resolve_input(model)
         output_dir_checks(root, output, force)
+        remove_stale_temporaries(output)
         staging = output.with_name(f".{output.name}.merged-{os.getpid()}")
         try:
             with progress_bar(quiet, "merge") as (set_total, advance, _):
@@ -84,11 +85,16 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
                                     progress_total=set_total, progress=advance)
             if not quiet:
                 click.echo("exporting ONNX (torch.onnx.export, dynamo, opset 18)...", err=True)
-            if output.exists() and force:
-                shutil.rmtree(output)
-            elif output.exists():
+            if output.exists() and not force:
                 raise OutputError(f"{output}: already exists (use --force to overwrite)")
-            r = export_onnx(staging, output, task=s.task, with_past=with_past, dtype=onnx_dtype)
+            # export next to the output, then swap it in: an existing output stays whole until then
+            fresh = output.with_name(f".{output.name}.onnx-{os.getpid()}")
+            shutil.rmtree(fresh, ignore_errors=True)
+            r = export_onnx(staging, fresh, task=s.task, with_past=with_past, dtype=onnx_dtype)
+            replace_dir(fresh, output)
+            r.model_path = output / r.model_path.name
+            if r.with_past_path is not None:
+                r.with_past_path = output / r.with_past_path.name
             summary.update(s.to_dict())
             summary.update(output=str(output), onnx=str(r.model_path), onnx_with_past=str(r.with_past_path or ""),
                            onnx_inputs=r.input_names, onnx_outputs=r.output_names, external_data=r.external_data,

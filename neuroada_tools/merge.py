@@ -222,6 +222,7 @@ def merge_to_folder(
     if progress_total:
         progress_total(ckpt.total_bytes)
 
+    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -344,6 +345,35 @@ def _write_text(path: Path, text: str) -> None:
         path.write_text(text)
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete temporaries a killed run left next to ``out`` (``.NAME.<kind>-PID`` whose PID is gone)."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    prefix = f".{out.name}."
+    for p in out.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, pid = p.name[len(prefix):].rpartition("-")
+        if kind not in ("tmp", "old", "merged", "onnx") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process still runs: not ours to delete
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing ``out`` (with --force) goes only after."""
+    _replace(tmp, out)
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -84,7 +84,7 @@ def load_model(model_dir: Path, task: str, *, config=None, dtype: torch.dtype | 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(model_dir), config=cfg, local_files_only=True,
-                                        trust_remote_code=trust_remote_code,
+                                        trust_remote_code=trust_remote_code, use_safetensors=True,
                                         # a retrained head may have another label count than the folder's
                                         ignore_mismatched_sizes=task != "causal-lm",
                                         dtype=dtype if dtype is not None else "auto")

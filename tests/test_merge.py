@@ -273,3 +273,15 @@ def test_bf16_tolerance_is_applied_and_documented():
 
     assert TOLERANCES["fp32"]["merged"].atol == 1e-5 and TOLERANCES["fp32"]["onnx"].atol == 1e-4
     assert TOLERANCES["bf16"]["merged"].rtol > 0 and TOLERANCES["fp16"]["merged"].rtol > 0
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(fixture_models, tmp_path):
+    ip, dp, _, _ = make_sidecars(fixture_models["gpt2"], tmp_path)
+    out = tmp_path / "o"
+    dead = tmp_path / ".o.tmp-999999999"  # no such process
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".o.tmp-{1}"  # pid 1 exists: left alone
+    alive.mkdir()
+    assert run_cli("merge", "--model", fixture_models["gpt2"], "--index", ip, "--delta", dp, "-o", out, "-q").exit_code == 0
+    assert not dead.exists() and alive.exists() and (out / "model.safetensors").exists()
