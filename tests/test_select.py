@@ -63,3 +63,13 @@ def test_magnitude_bits_order_like_abs():
     bits = magnitude_bits(w).to(torch.int32)
     assert bits[0] > bits[1] > bits[2]
     assert bits[3] == bits[4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 2, 5, 9])
+def test_heavy_ties_match_reference(dtype, k):
+    """Few distinct magnitudes: almost every row is ambiguous at its boundary."""
+    g = torch.Generator().manual_seed(100 + k)
+    w = torch.randint(-3, 4, (600, 40), generator=g).to(dtype)
+    assert torch.equal(select(w, k), reference_select(w, k))
+    assert torch.equal(select(w, k, "smallest"), reference_select(w, k, largest=False))
