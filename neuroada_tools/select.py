@@ -20,6 +20,7 @@ Left out: gradient-based selection (it needs data and a backward pass, so it bel
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import torch
 
@@ -66,27 +67,47 @@ def select(
     largest = criterion == "magnitude"
     if weight.dtype not in _MAG_BITS:
         weight = weight.to(torch.float32)
-    mag_width = 16 if weight.dtype != torch.float32 else 32
-    col_bits = max(16, (d_in - 1).bit_length())
-    key_dtype = torch.int32 if mag_width + col_bits <= 31 else torch.int64
-    cols = torch.arange(d_in, dtype=key_dtype)
-    low = ((1 << col_bits) - 1) - cols if largest else cols
-    rows = min(_ROW_CHUNK, d_out)
-    # buffers allocated once per tensor, reused for every chunk (no page faults per chunk)
-    keys_buf = torch.empty(rows * d_in, dtype=key_dtype)
-    vals_buf = torch.empty((rows, k), dtype=key_dtype)
-    idx_buf = torch.empty((rows, k), dtype=torch.int64)
     int_dtype, mask = _MAG_BITS[weight.dtype]
     bits = weight.view(int_dtype)  # same item size: valid for any strides (transposed views too)
+    half = 16 if int_dtype == torch.int16 else 32
+    if d_in > (1 << half) or sys.byteorder != "little":  # the column must fit in the low half
+        return _select_wide(bits, mask, k, largest)
+    key_dtype = torch.int32 if half == 16 else torch.int64
+    # A key is two halves in one integer (little-endian): high = magnitude bits, low = the column
+    # (reversed for "largest", so ties go to the lower column). The low halves depend only on the
+    # column, so they are written once; each chunk then costs one masked copy into the high halves.
+    cols = torch.arange(d_in, dtype=torch.int64)
+    low = ((1 << half) - 1 - cols) if largest else cols
+    low = low.to(torch.int32 if half == 16 else torch.int64)
+    low = (low - (1 << half) * (low >= (1 << (half - 1)))).to(int_dtype)  # the same bits, signed
+    rows = min(_ROW_CHUNK, d_out)
+    keys_buf = torch.empty(rows * d_in, dtype=key_dtype)
+    halves = keys_buf.view(int_dtype).view(rows, d_in, 2)
+    halves[:, :, 0] = low
+    vals_buf = torch.empty((rows, k), dtype=key_dtype)
+    idx_buf = torch.empty((rows, k), dtype=torch.int64)
     out = torch.empty((d_out, k), dtype=torch.int32)
     for s in range(0, d_out, _ROW_CHUNK):
         chunk = bits[s : s + _ROW_CHUNK]
         n = chunk.shape[0]
+        torch.bitwise_and(chunk, mask, out=halves[:n, :, 1])
         keys = keys_buf[: n * d_in].view(n, d_in)
-        keys.copy_(chunk)  # int16/int32 -> key dtype (sign-extended; the mask clears it)
-        keys.bitwise_and_(mask).bitwise_left_shift_(col_bits).bitwise_or_(low)
         torch.topk(keys, k, dim=1, largest=largest, sorted=False, out=(vals_buf[:n], idx_buf[:n]))
         out[s : s + n] = idx_buf[:n].sort(dim=1).values
+    return out
+
+
+def _select_wide(bits: torch.Tensor, mask: int, k: int, largest: bool) -> torch.Tensor:
+    """Keys with the column in 17+ bits (rows longer than 65536 / 2**32 entries): int64 keys."""
+    d_out, d_in = bits.shape
+    col_bits = (d_in - 1).bit_length()
+    cols = torch.arange(d_in, dtype=torch.int64)
+    low = ((1 << col_bits) - 1) - cols if largest else cols
+    out = torch.empty((d_out, k), dtype=torch.int32)
+    for s in range(0, d_out, _ROW_CHUNK):
+        keys = (bits[s : s + _ROW_CHUNK] & mask).to(torch.int64)
+        keys.bitwise_left_shift_(col_bits).bitwise_or_(low)
+        out[s : s + _ROW_CHUNK] = keys.topk(k, dim=1, largest=largest, sorted=False).indices.sort(dim=1).values
     return out
 
 

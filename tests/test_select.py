@@ -73,3 +73,12 @@ def test_heavy_ties_match_reference(dtype, k):
     w = torch.randint(-3, 4, (600, 40), generator=g).to(dtype)
     assert torch.equal(select(w, k), reference_select(w, k))
     assert torch.equal(select(w, k, "smallest"), reference_select(w, k, largest=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_longer_than_the_low_half(dtype):
+    w = (torch.randn(70000, 3) * 0.1).to(dtype)  # logical rows of 70000 columns
+    w[:100] = 0.25  # ties
+    logical = w.t()
+    for crit, largest in (("magnitude", True), ("smallest", False)):
+        assert torch.equal(select(logical, 7, crit), reference_select(logical, 7, largest=largest))
