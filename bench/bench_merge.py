@@ -34,7 +34,7 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
-import transformers  # same imports for both methods
+import torch  # merge itself needs no transformers (no task head here): import only what it uses
 from neuroada_tools.merge import merge_to_folder
 base = hwm()
 shutil.rmtree(out, ignore_errors=True)
