@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from neuroada_tools.errors import CheckpointError
-from neuroada_tools.safetensors_io import Header, RawTensor, read_header, read_tensor
+from neuroada_tools.safetensors_io import Header, RawTensor, duplicate_key_hook, read_header, read_tensor
 
 INDEX_JSON = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -129,16 +129,8 @@ def _read_shard_map(index_path: Path) -> dict[str, Path]:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{label}: invalid JSON ({e})") from None
 
-    def no_dupes(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        seen: dict[str, object] = {}
-        for k, v in pairs:
-            if k in seen:
-                raise ValueError(f"tensor {k!r} listed twice")
-            seen[k] = v
-        return seen
-
     try:
-        doc = json.loads(text, object_pairs_hook=no_dupes)
+        doc = json.loads(text, object_pairs_hook=duplicate_key_hook("tensor {key!r} listed twice"))
     except ValueError as e:
         raise CheckpointError(f"{label}: invalid JSON ({e})") from None
     except RecursionError:

@@ -59,7 +59,6 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
     tokenizer); it appears only when complete.
     """
     from neuroada_tools.check import human as human_check
-    from neuroada_tools.check import run_check
     from neuroada_tools.merge import merge_to_folder, output_dir_checks, remove_stale_temporaries, replace_dir
 
     shard = parse_size(max_shard_size)

@@ -85,13 +85,22 @@ def short_repr(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
+def duplicate_key_hook(message: str = "duplicate key {key!r}"):
+    """A ``json.loads`` ``object_pairs_hook`` that raises ``ValueError(message)`` on a repeated key
+    (plain ``json`` keeps the last one silently, which would hide a tensor listed twice)."""
+
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(message.format(key=key))
+            out[key] = value
+        return out
+
+    return hook
+
+
+_no_duplicates = duplicate_key_hook()
 
 
 def read_header(path: Path | str, error: type[NeuroAdaError] = CheckpointError) -> Header:

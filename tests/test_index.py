@@ -47,7 +47,7 @@ def test_index_equals_reference_topk(fixture_models, tmp_path, arch):
     index = read_index(out)
     ckpt = open_checkpoint(fixture_models[arch])
     count, suffixes = EXPECTED[arch]
-    assert len(index.indices) == count // (1 if arch != "bert-base" else 1)
+    assert len(index.indices) == count
     mods = {n.removesuffix(".weight") for n in index.indices}
     for s in suffixes:
         assert any(m.endswith(s) for m in mods), s

@@ -65,7 +65,7 @@ def test_roundtrip_and_safetensors_compatible(tmp_path):
 def test_fingerprint_same_shape_other_values_refused(tmp_path):
     index, w, _ = make_index(tmp_path)
     w2 = w.clone()
-    w2[5, 0] += 1.0  # a row outside the sampled rows? row 5 is sampled (d_out < 16): any change
+    w2[5, 0] += 1.0  # d_out=8 < 16: every row is sampled, so any change is seen
     with pytest.raises(FingerprintError, match=re.escape(f"base: '{NAME}' differs from the base")):
         verify_fingerprint(index, NAME, w2, "base")
 
