@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,10 @@ def build_llama7b_shapes(folder: Path, layers: int) -> None:
 
 
 
-def run_child_json(code: str, args: list[str]) -> dict:
+def run_child_json(code: str, args: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``code`` in a fresh interpreter (so its peak RSS is its own); parse its last stdout line as JSON."""
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, **(env or {})})
     if p.returncode != 0:
         raise SystemExit(f"child {args[:1]} failed:\n{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])

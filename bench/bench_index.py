@@ -6,7 +6,9 @@ and measures, side by side in one run, each method in its own subprocess (so pea
 repetitions interleaved, page cache warm:
 
 - read:  read every byte of the checkpoint files into a reused buffer;
-- index: ``neuroada_tools.index.run_index`` (what the CLI runs);
+- index (first run): ``neuroada_tools.index.run_index`` (what the CLI runs) with the architecture's
+  target list not yet cached, so it imports the transformers modeling code and builds the meta model;
+- index (cached): the same with the target list cached (every later run on this architecture);
 - naive: ``LlamaForCausalLM.from_pretrained`` then ``W.float().abs().topk(k)`` per target weight.
 
 GB/s is checkpoint bytes per second (all files) and, for index/naive, also target-weight bytes per
@@ -50,7 +52,10 @@ if method == "read":
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(mv):
                 pass
-elif method == "index":
+elif method in ("index-cold", "index"):
+    import shutil, os
+    if method == "index-cold":
+        shutil.rmtree(Path(os.environ["NEUROADA_CACHE_DIR"]) / "targets", ignore_errors=True)
     from neuroada_tools.index import run_index
     out = Path(folder) / "bench.index.safetensors.out"
     run_index(folder, k, out, force=True)
@@ -65,10 +70,11 @@ elif method == "naive":
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "peak_rss": hwm(), "rss_after_imports": base}))
 """
+METHODS = {"read": "read", "index-cold": "index (first run)", "index": "index (cached)", "naive": "naive"}
 
 
-def run_child(method: str, folder: Path, k: int) -> dict:
-    return run_child_json(CHILD, [method, str(folder), str(k)])
+def run_child(method: str, folder: Path, k: int, cache: Path) -> dict:
+    return run_child_json(CHILD, [method, str(folder), str(k)], env={"NEUROADA_CACHE_DIR": str(cache)})
 
 
 def main() -> None:
@@ -93,11 +99,13 @@ def main() -> None:
     targets = resolve_targets(ckpt)
     target_bytes = sum(ckpt.tensors[t.name].raw.nbytes for t in targets)
     largest = max(ckpt.tensors[t.name].raw.nbytes for t in targets)
-    run_child("read", folder, a.k)  # warm the page cache
-    results: dict[str, list[dict]] = {"read": [], "index": [], "naive": []}
+    cache = a.dir / "cache"  # the compiled kernel is built here once, before timing
+    run_child("read", folder, a.k, cache)  # warm the page cache
+    run_child("index", folder, a.k, cache)
+    results: dict[str, list[dict]] = {m: [] for m in METHODS}
     for _ in range(a.reps):
         for m in results:
-            results[m].append(run_child(m, folder, a.k))
+            results[m].append(run_child(m, folder, a.k, cache))
     med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in results.items()}
     rss = {m: max(r["peak_rss"] for r in rs) for m, rs in results.items()}
     base = {m: max(r["rss_after_imports"] for r in rs) for m, rs in results.items()}
@@ -109,21 +117,25 @@ def main() -> None:
         "| method | seconds | GB/s (file) | GB/s (targets) | vs naive | peak RSS | RSS over imports |",
         "|---|---|---|---|---|---|---|",
     ]
-    for m in ("read", "index", "naive"):
+    for m, label in METHODS.items():
         s = med[m]
         tgt = f"{target_bytes / s / gb:.2f}" if m != "read" else "-"
         lines.append(
-            f"| {m} | {s:.2f} | {total / s / gb:.2f} | {tgt} | {med['naive'] / s:.2f}x | "
+            f"| {label} | {s:.2f} | {total / s / gb:.2f} | {tgt} | {med['naive'] / s:.2f}x | "
             f"{rss[m] / 2**20:.0f} MiB | {(rss[m] - base[m]) / 2**20:.0f} MiB |"
         )
     budget = 2 * largest + 300 * 2**20
     lines += [
         "",
-        f"index vs read: {med['read'] / med['index']:.2f}x the reading speed; index vs naive: "
-        f"{med['naive'] / med['index']:.2f}x faster",
-        f"RSS target (2 x largest tensor + 300 MiB = {budget / 2**20:.0f} MiB): index peak {rss['index'] / 2**20:.0f} MiB "
-        f"({'met' if rss['index'] <= budget else 'MISSED'}; over imports {(rss['index'] - base['index']) / 2**20:.0f} MiB)",
+        f"index (cached) vs read: {med['read'] / med['index']:.2f}x the reading speed; vs naive: "
+        f"{med['naive'] / med['index']:.2f}x faster (first run: {med['naive'] / med['index-cold']:.2f}x)",
     ]
+    for m in ("index-cold", "index"):
+        lines.append(
+            f"RSS target (2 x largest tensor + 300 MiB = {budget / 2**20:.0f} MiB): {METHODS[m]} peak "
+            f"{rss[m] / 2**20:.0f} MiB ({'met' if rss[m] <= budget else 'MISSED'}; over imports "
+            f"{(rss[m] - base[m]) / 2**20:.0f} MiB)"
+        )
     table = "\n".join(lines)
     print(table)
     if a.out:

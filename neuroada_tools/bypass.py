@@ -51,12 +51,14 @@ training loops (``train.py``), the streaming on-disk merge (``merge.py``).
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroada_tools import native
 from neuroada_tools.errors import ModelError, SidecarError
 from neuroada_tools.naming import match_names
 from neuroada_tools.sidecar import DeltaSidecar, IndexSidecar, check_delta_matches
@@ -74,8 +76,9 @@ __all__ = [
 MODES = ("fused", "reference")
 DELTA_ATTR = "neuroada_delta"
 _ROOT_STATE = "_neuroada_attach_state"
-# SDDMM kernel: "auto" ("columns" for k <= _COLUMNS_MAX_K or where sampled_addmm raised, else
-# "sampled_addmm"), or force "sampled_addmm" / "columns" (tests do)
+# SDDMM kernel: "auto" (on CPU with fp32/bf16 inputs the compiled kernel when it is available;
+# otherwise "columns" for k <= _COLUMNS_MAX_K or where sampled_addmm raised, else "sampled_addmm"),
+# or force "native" / "sampled_addmm" / "columns" (tests and benchmarks do)
 SDDMM_BACKEND = "auto"
 _COLUMNS_MAX_K = 2
 _SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
@@ -112,6 +115,12 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     T, d_in = x.shape
     device_type = g.device.type
     backend = SDDMM_BACKEND
+    if backend in ("auto", "native") and device_type == "cpu" and g.dtype == x.dtype and x.dtype in _NATIVE_DTYPES:
+        lib = native.kernel()
+        if lib is not None and T > 0:
+            return _sddmm_native(lib, g, x, idx)
+    if backend == "native":
+        raise RuntimeError("SDDMM_BACKEND='native' but the kernel is unavailable for these inputs")
     if backend == "auto":
         backend = "columns" if k <= _COLUMNS_MAX_K or device_type in _SDDMM_UNSUPPORTED else "sampled_addmm"
     if backend == "columns" or T == 0:
@@ -138,6 +147,39 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
             raise
         _SDDMM_UNSUPPORTED.add(device_type)
     return _sddmm_columns(g, x, idx)
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The C kernel (``_native/sddmm.c``): tokens split over ``torch.get_num_threads()`` threads,
+    each with its own fp32 partial sums, added at the end (deterministic per thread count)."""
+    d_out, k = idx.shape
+    T, d_in = x.shape
+    fn = lib.neuroada_sddmm_f32 if x.dtype == torch.float32 else lib.neuroada_sddmm_bf16
+    x = x if x.stride(1) == 1 else x.contiguous()
+    g = g if g.stride(1) == 1 else g.contiguous()
+    idx = idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
+    threads = max(1, min(torch.get_num_threads(), T // 64))
+    bounds = [T * i // threads // 64 * 64 for i in range(threads)] + [T]
+    outs = torch.zeros((threads, d_out, k), dtype=torch.float32)
+    scratch = lib.neuroada_sddmm_scratch(d_in, d_out)
+
+    def work(i: int) -> None:
+        xT = torch.empty(scratch, dtype=torch.float32)
+        fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), idx.data_ptr(), d_out, d_in, k,
+           bounds[i], bounds[i + 1], outs[i].data_ptr(), xT.data_ptr())
+
+    if threads == 1:
+        work(0)
+        return outs[0]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="neuroada-sddmm"))
+    for f in [_POOL[0].submit(work, i) for i in range(threads)]:
+        f.result()
+    return outs.sum(0)
 
 
 def _sddmm_columns(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 For each target weight: read its bytes (one copy, no mmap of the shard), view it in logical
 ``(out, in)`` orientation (a transposed view for Conv1D, no copy), select k columns per row
 (``select.py``), fingerprint it (``sidecar.fingerprint``), drop it. Peak memory is the largest
-target tensor plus the int32 key buffer of one 256-row chunk.
+target tensor (one reused read buffer) plus that tensor's indices: ``run_index`` streams each
+tensor's indices into the output file as soon as they are made (``IndexStreamWriter``), so the
+whole index (108 MB for LLaMA-7B at k=20) is never held.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from neuroada_tools.checkpoint import Checkpoint, open_checkpoint
 from neuroada_tools.errors import TargetError
 from neuroada_tools.safetensors_io import atomic_file, check_output
 from neuroada_tools.select import CRITERIA, select
-from neuroada_tools.sidecar import IndexSidecar, TensorEntry, fingerprint, write_index
+from neuroada_tools.sidecar import IndexSidecar, IndexStreamWriter, TensorEntry, fingerprint
 from neuroada_tools.targets import Target, resolve_targets
 
 Progress = Callable[[int], None]  # called with the number of bytes just processed
@@ -86,31 +88,48 @@ def _build(
     criterion: str,
     seed: int | None,
     progress: Progress | None = None,
+    output: Path | None = None,
 ) -> IndexSidecar:
+    """Select and fingerprint every target, one tensor at a time.
+
+    With ``output`` the indices are streamed into that file as they are made (``IndexStreamWriter``)
+    and the returned sidecar's ``indices`` stay empty; without it they are kept in memory.
+    """
     if criterion not in CRITERIA:
         raise TargetError(f"unknown criterion {criterion!r} (choose {', '.join(CRITERIA)})")
     if criterion == "random" and seed is None:
         seed = 0
-    indices = {}
-    entries = {}
-    buffer = ckpt.buffer_for([t.name for t in targets])
-    for t in targets:
-        stored = ckpt.read(t.name, buffer)
-        logical = stored.t() if t.transposed else stored
-        idx = select(logical, ks[t.name], criterion, seed=seed, salt=t.name)
-        indices[t.name] = idx
-        entries[t.name] = TensorEntry((t.d_out, t.d_in), t.layout, ckpt.tensors[t.name].dtype, fingerprint(logical, idx))
-        del stored, logical
-        if progress:
-            progress(ckpt.tensors[t.name].raw.nbytes)
-    return IndexSidecar(
+    index = IndexSidecar(
         k=k,
         criterion=criterion,
-        indices=indices,
-        entries=entries,
+        indices={},
+        entries={t.name: TensorEntry((t.d_out, t.d_in), t.layout, ckpt.tensors[t.name].dtype, "") for t in targets},
         seed=seed if criterion == "random" else None,
         model_type=str((ckpt.config or {}).get("model_type", "")),
     )
+    writer = IndexStreamWriter(output, index, ks) if output is not None else None
+    try:
+        buffer = ckpt.buffer_for([t.name for t in targets])
+        for t in sorted(targets, key=lambda t: t.name):
+            stored = ckpt.read(t.name, buffer)
+            logical = stored.t() if t.transposed else stored
+            idx = select(logical, ks[t.name], criterion, seed=seed, salt=t.name)
+            fp = fingerprint(logical, idx)
+            if writer is not None:
+                writer.write(t.name, idx, fp)
+            else:
+                index.indices[t.name] = idx
+                index.entries[t.name] = TensorEntry((t.d_out, t.d_in), t.layout, ckpt.tensors[t.name].dtype, fp)
+            del stored, logical, idx
+            if progress:
+                progress(ckpt.tensors[t.name].raw.nbytes)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return index
 
 
 def run_index(
@@ -134,20 +153,20 @@ def run_index(
     targets, ks, clipped = plan(ckpt, k, include=include, exclude=exclude, clip_k=clip_k)
     if progress_total:
         progress_total(sum(ckpt.tensors[t.name].raw.nbytes for t in targets))
-    index = _build(ckpt, targets, ks, k, criterion, seed, progress)
     with atomic_file(output) as tmp:
-        digest = write_index(tmp, index)
-    trainable = index.trainable_parameters()
+        index = _build(ckpt, targets, ks, k, criterion, seed, progress, output=tmp)
+    digest = index.digest
+    trainable = sum(t.d_out * ks[t.name] for t in targets)
     total = ckpt.total_parameters
     return IndexSummary(
         output=str(output),
         sha256=digest,
         k=k,
         criterion=criterion,
-        tensors_adapted=len(index.indices),
+        tensors_adapted=len(targets),
         trainable_parameters=trainable,
         model_parameters=total,
         trainable_share=trainable / total if total else 0.0,
-        bytes_indexed=sum(ckpt.tensors[n].raw.nbytes for n in index.indices),
+        bytes_indexed=sum(ckpt.tensors[t.name].raw.nbytes for t in targets),
         clipped=clipped,
     )

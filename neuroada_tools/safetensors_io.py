@@ -280,12 +280,33 @@ class StreamingWriter:
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, dtype, tuple(shape), nbytes))
             offset += nbytes
-        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        blob += b" " * (-len(blob) % 8)
+        self._header = header
+        blob = self._header_blob()
         self._f = open(self.path, "wb")
         self._f.write(struct.pack("<Q", len(blob)))
         self._f.write(blob)
+        self._header_len = len(blob)
         self._next = 0
+
+    def _header_blob(self) -> bytes:
+        blob = json.dumps(self._header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return blob + b" " * (-len(blob) % 8)
+
+    def replace_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header's metadata in place (before ``close``): values only known once the
+        tensors are written, such as fingerprints. The new header must encode to the same length
+        (callers reserve fixed-width placeholders), so no tensor byte moves."""
+        self._header["__metadata__"] = dict(metadata)
+        blob = self._header_blob()
+        if len(blob) != self._header_len:
+            raise ValueError(f"{self.path.name}: new metadata changes the header size ({len(blob)} != {self._header_len})")
+        end = self._f.tell()
+        try:
+            self._f.seek(8)
+            self._f.write(blob)
+            self._f.seek(end)
+        except OSError as e:
+            raise _named(e, self.path) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next declared tensor; its name, dtype and shape must match the declaration."""

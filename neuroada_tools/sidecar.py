@@ -20,7 +20,7 @@ import torch
 
 from neuroada_tools import __version__
 from neuroada_tools.errors import FingerprintError, SidecarError
-from neuroada_tools.safetensors_io import read_all, read_header, short_repr, write_file
+from neuroada_tools.safetensors_io import StreamingWriter, read_all, read_header, short_repr, write_file
 from neuroada_tools.select import CRITERIA
 
 INDEX_MAGIC = "neuroada-index"
@@ -112,10 +112,9 @@ def file_digest(path: Path) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def write_index(path: Path, index: IndexSidecar) -> str:
-    """Write ``index`` to ``path`` (caller handles atomic rename); return and record its digest."""
-    names = sorted(index.indices)
-    meta = {
+def index_metadata(index: IndexSidecar) -> dict[str, str]:
+    """The ``__metadata__`` of an index sidecar (formats/index-v1.md); ``index.indices`` unused."""
+    return {
         "neuroada.magic": INDEX_MAGIC,
         "neuroada.version": str(FORMAT_VERSION),
         "neuroada.k": str(index.k),
@@ -125,20 +124,64 @@ def write_index(path: Path, index: IndexSidecar) -> str:
         "neuroada.tensors": json.dumps(
             {
                 n: {
-                    "shape": list(index.entries[n].shape),
-                    "layout": index.entries[n].layout,
-                    "dtype": index.entries[n].dtype,
-                    "fingerprint": index.entries[n].fingerprint,
+                    "shape": list(e.shape),
+                    "layout": e.layout,
+                    "dtype": e.dtype,
+                    "fingerprint": e.fingerprint,
                 }
-                for n in names
+                for n, e in sorted(index.entries.items())
             },
             separators=(",", ":"),
         ),
         "neuroada.writer": f"neuroada-tools {__version__}",
     }
-    write_file(path, {n: index.indices[n].to(torch.int32).contiguous() for n in names}, meta)
+
+
+def write_index(path: Path, index: IndexSidecar) -> str:
+    """Write ``index`` to ``path`` (caller handles atomic rename); return and record its digest."""
+    names = sorted(index.indices)
+    write_file(path, {n: index.indices[n].to(torch.int32).contiguous() for n in names}, index_metadata(index))
     index.digest = file_digest(path)
     return index.digest
+
+
+class IndexStreamWriter:
+    """Write an index sidecar one tensor at a time, byte-identical to ``write_index``.
+
+    ``index`` carries everything but the indices and fingerprints: its ``entries`` (sorted names,
+    shapes, layouts, dtypes) and ``ks`` fix the header up front; the fingerprints, 64 hex digits
+    each, are written as placeholders of the same width and filled in by ``close``. Memory: one
+    tensor's indices at a time, instead of the whole index (108 MB for LLaMA-7B at k=20).
+    """
+
+    def __init__(self, path: Path, index: IndexSidecar, ks: dict[str, int]) -> None:
+        self.index = index
+        self.names = sorted(index.entries)
+        for n in self.names:
+            index.entries[n] = TensorEntry(index.entries[n].shape, index.entries[n].layout, index.entries[n].dtype, "0" * 64)
+        entries = [(n, "I32", (index.entries[n].shape[0], ks[n])) for n in self.names]
+        self._w = StreamingWriter(path, entries, index_metadata(index))
+        self.path = Path(path)
+
+    def write(self, name: str, indices: torch.Tensor, fingerprint_hex: str) -> None:
+        """Write the next tensor (in sorted-name order) and record its fingerprint."""
+        e = self.index.entries[name]
+        self.index.entries[name] = TensorEntry(e.shape, e.layout, e.dtype, fingerprint_hex)
+        self._w.write(name, indices.to(torch.int32).contiguous())
+
+    def close(self) -> str:
+        """Fill in the fingerprints, fsync, and return the file's SHA-256."""
+        try:
+            self._w.replace_metadata(index_metadata(self.index))
+            self._w.close()
+        except BaseException:
+            self._w.abort()
+            raise
+        self.index.digest = file_digest(self.path)
+        return self.index.digest
+
+    def abort(self) -> None:
+        self._w.abort()
 
 
 def write_delta(path: Path, delta: DeltaSidecar) -> str:

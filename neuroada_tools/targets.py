@@ -6,7 +6,10 @@ weights of its ``nn.Linear`` and GPT-2 ``Conv1D`` modules that live inside a rep
 module path with a numeric component such as ``layers.3`` or ``h.0``). That covers q/k/v/o,
 gate/up/down, fc1/fc2, c_attn/c_proj/c_fc, BERT query/key/value/dense for any architecture
 transformers knows, and leaves out embeddings, norms (not Linear), the LM head, poolers and
-classifier heads (outside the blocks). Without a config.json the fallback is every 2-D float
+classifier heads (outside the blocks). Importing the architecture's modeling code and building the
+meta model costs ~2 s and ~150 MB, so the answer is cached (``architecture_linears_cached``: a JSON
+file per config and transformers version under ``native.cache_dir()``); a second ``index`` of the
+same architecture does not import transformers at all. Without a config.json the fallback is every 2-D float
 ``*.weight`` under a numbered block whose name does not look like a norm or an embedding.
 
 ``--target``/``--exclude`` use PEFT ``target_modules`` semantics on the module name (the tensor
@@ -16,12 +19,19 @@ the name equals it or ends with ``.`` + pattern.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 
 from neuroada_tools.checkpoint import Checkpoint
 from neuroada_tools.errors import TargetError
+from neuroada_tools.native import cache_dir
 from neuroada_tools.naming import match_names
 from neuroada_tools.safetensors_io import FLOAT_DTYPES
 
@@ -102,13 +112,59 @@ def architecture_linears(config: dict) -> dict[str, bool] | None:
     return out
 
 
+_CACHE_VERSION = "neuroada-targets-1"
+
+
+def _cache_path(config: dict) -> Path | None:
+    try:
+        version = metadata.version("transformers")
+        blob = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    except (metadata.PackageNotFoundError, TypeError, ValueError):
+        return None
+    tag = hashlib.sha256(f"{_CACHE_VERSION}\0{version}\0{blob}".encode()).hexdigest()
+    return cache_dir() / "targets" / f"{tag}.json"
+
+
+def architecture_linears_cached(config: dict) -> dict[str, bool] | None:
+    """``architecture_linears(config)``, remembered on disk per (config, transformers version).
+
+    The cache holds only derived facts (parameter names and a flag); an unreadable or malformed
+    entry is ignored and rebuilt, and a cache that can't be written (read-only home) is skipped.
+    ``NEUROADA_CACHE_DIR=`` a fresh folder, or deleting it, forces a rebuild.
+    """
+    path = _cache_path(config)
+    if path is not None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            linears = data.get("linears") if isinstance(data, dict) else None
+            if isinstance(linears, dict) and all(isinstance(k, str) and isinstance(v, bool) for k, v in linears.items()):
+                return linears
+        except (OSError, ValueError, UnicodeDecodeError):
+            pass
+    linears = architecture_linears(config)
+    if linears is not None and path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".targets-", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"linears": linears}, f)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError:
+            pass
+    return linears
+
+
 def resolve_targets(
     ckpt: Checkpoint,
     include: list[str] | tuple[str, ...] = (),
     exclude: list[str] | tuple[str, ...] = (),
 ) -> list[Target]:
     """The sorted list of tensors to adapt; raises ``TargetError`` naming any unusable match."""
-    linears = architecture_linears(ckpt.config) if ckpt.config else None
+    linears = architecture_linears_cached(ckpt.config) if ckpt.config else None
     transposed_of: dict[str, bool] = {}
     if linears is not None:
         mapping = match_names(list(ckpt.tensors), list(linears))

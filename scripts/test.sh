@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The compiled kernels must build here: a failed build is an error, not a silent torch fallback.
+export NEUROADA_NATIVE=${NEUROADA_NATIVE:-1}
 exec .venv/bin/python -m pytest -q "$@"

@@ -7,10 +7,16 @@ that needs to write next to a model copies the folder into its own `tmp_path` fi
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Derived-file cache (compiled kernels, target lists) of this test run only: hermetic, and the
+# user's ~/.cache is left alone. Subprocesses started by tests inherit it.
+os.environ.setdefault("NEUROADA_CACHE_DIR", tempfile.mkdtemp(prefix="neuroada-test-cache-"))
 
 # `fixtures/` is a top-level folder of the repository, not part of the installed package. Under
 # `python -m pytest` the working directory is already importable; under a bare `pytest` it is not.

@@ -69,7 +69,7 @@ def _naive(layer: nn.Module, kind: str, idx: torch.Tensor, delta: torch.Tensor, 
 # ---------------------------------------------------------------- single layer
 
 
-@pytest.mark.parametrize("backend", ["sampled_addmm", "columns", "auto"])
+@pytest.mark.parametrize("backend", ["native", "sampled_addmm", "columns", "auto"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lead", [(7,), (2, 5)])
@@ -104,7 +104,7 @@ def test_grads_match_naive(monkeypatch, backend, kind, bias, lead, k):
         assert rel_err(model(x), y2) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["sampled_addmm", "columns", "auto"])
+@pytest.mark.parametrize("backend", ["native", "sampled_addmm", "columns", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sddmm_blocks_and_dtypes(monkeypatch, backend, dtype):
     monkeypatch.setattr(bypass, "SDDMM_BACKEND", backend)

@@ -302,3 +302,86 @@ def test_help_lists_commands_and_examples():
         assert c in r.output
     for c in ("index", "train-sparse", "merge"):
         assert "Example" in run_cli(c, "--help").output
+
+
+# ---------------------------------------------------------------- streaming output, target cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert-cls"])
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+def test_streamed_index_equals_in_memory_write(fixture_models, tmp_path, arch, criterion):
+    """run_index streams tensors and fills fingerprints in at the end; same bytes as write_index."""
+    from neuroada_tools.index import build_index, run_index
+    from neuroada_tools.sidecar import write_index
+
+    summary = run_index(fixture_models[arch], 3, tmp_path / "streamed", criterion=criterion, seed=4)
+    in_memory = build_index(fixture_models[arch], 3, criterion=criterion, seed=4)
+    digest = write_index(tmp_path / "whole", in_memory)
+    assert (tmp_path / "streamed").read_bytes() == (tmp_path / "whole").read_bytes()
+    assert summary.sha256 == digest
+    assert summary.trainable_parameters == in_memory.trainable_parameters()
+    assert "0" * 64 not in (tmp_path / "streamed").read_bytes().decode("latin-1")  # placeholders replaced
+
+
+def test_failed_index_leaves_no_partial_output(fixture_models, tmp_path, monkeypatch):
+    """A failure after some tensors were streamed: no output, no temporary left behind."""
+    from neuroada_tools import index as index_mod
+
+    calls = []
+    real = index_mod.select
+
+    def failing_select(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(index_mod, "select", failing_select)
+    with pytest.raises(OSError):
+        index_mod.run_index(fixture_models["llama"], 2, tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replace_metadata_refuses_a_size_change(tmp_path):
+    from neuroada_tools.safetensors_io import StreamingWriter
+
+    w = StreamingWriter(tmp_path / "f", [("a", "I32", (1, 1))], {"fp": "0" * 8})
+    w.write("a", torch.zeros(1, 1, dtype=torch.int32))
+    w.replace_metadata({"fp": "1" * 8})  # same width: fine
+    with pytest.raises(ValueError, match="new metadata changes the header size"):
+        w.replace_metadata({"fp": "1" * 200})
+    w.abort()
+
+
+def test_target_list_is_cached_per_config(fixture_models, tmp_path, monkeypatch):
+    from neuroada_tools import targets
+
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = open_checkpoint(fixture_models["gpt2"])
+    first = targets.resolve_targets(ckpt)
+    files = list((tmp_path / "cache" / "targets").glob("*.json"))
+    assert len(files) == 1
+
+    def no_build(config):
+        raise AssertionError("architecture_linears called although the answer is cached")
+
+    monkeypatch.setattr(targets, "architecture_linears", no_build)
+    assert targets.resolve_targets(ckpt) == first  # from the cache: Conv1D orientation included
+    assert any(t.transposed for t in first)
+
+    # a corrupt or ill-typed cache entry is ignored and rebuilt
+    monkeypatch.undo()
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path / "cache"))
+    for bad in ("{not json", '{"linears": {"a.weight": "yes"}}', "[1, 2]", "\xff"):
+        files[0].write_text(bad, encoding="latin-1")
+        assert targets.resolve_targets(ckpt) == first
+        assert json.loads(files[0].read_text())["linears"]
+
+
+def test_cache_dir_unwritable_still_indexes(fixture_models, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(blocker / "sub"))  # a path under a file: mkdir fails
+    result = run_cli("index", fixture_models["llama"], "-k", "2", "-o", tmp_path / "i.safetensors", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert read_index(tmp_path / "i.safetensors").k == 2

@@ -1,0 +1,157 @@
+"""native.py and the compiled kernels: same answers as the torch paths, clean fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuroada_tools import bypass, native
+from neuroada_tools.errors import NeuroAdaError
+from neuroada_tools.select import select
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the code under test with the kernel unavailable (the pure-torch paths)."""
+    monkeypatch.setitem(native._state, "lib", None)
+
+
+def _weights(kind: str, shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    d_out, d_in = shape
+    if kind == "normal":
+        return torch.randn(shape, generator=g) * 0.02
+    if kind == "ties":
+        return torch.randint(-3, 4, shape, generator=g).float()
+    if kind == "special":  # NaN, +-inf, -0.0 among normal values
+        w = torch.randn(shape, generator=g)
+        m = torch.rand(shape, generator=g)
+        w[m < 0.05] = float("nan")
+        w[(m >= 0.05) & (m < 0.1)] = float("inf")
+        w[(m >= 0.1) & (m < 0.15)] = -0.0
+        w[(m >= 0.15) & (m < 0.2)] = -float("inf")
+        return w
+    if kind == "row_scales":  # rows 16 orders of magnitude apart: the learned threshold is wrong
+        return torch.randn(shape, generator=g) * torch.logspace(-8, 8, d_out).unsqueeze(1)
+    return torch.zeros(shape)
+
+
+def test_kernel_is_built_where_a_compiler_exists():
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.kernel() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["normal", "ties", "special", "row_scales", "zeros"])
+def test_native_select_equals_torch_path(dtype, kind, monkeypatch):
+    if native.kernel() is None:
+        pytest.skip("kernel unavailable")
+    g = torch.Generator().manual_seed(7)
+    for shape in ((1, 1), (3, 7), (70, 300), (129, 1000)):
+        w = _weights(kind, shape, g).to(dtype)
+        for k in sorted({1, min(2, shape[1]), min(5, shape[1]), max(1, shape[1] // 2), shape[1]}):
+            for criterion in ("magnitude", "smallest"):
+                for logical in (w, w.t().contiguous().t()):  # row-major and Conv1D-style views
+                    fast = select(logical, k, criterion)
+                    with monkeypatch.context() as m:
+                        m.setitem(native._state, "lib", None)
+                        slow = select(logical, k, criterion)
+                    assert torch.equal(fast, slow), (shape, k, criterion, logical.stride())
+
+
+def test_build_failure_falls_back_or_raises(monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("NEUROADA_NATIVE", "auto")
+    assert native._load() is None
+    monkeypatch.setenv("NEUROADA_NATIVE", "1")
+    with pytest.raises(NeuroAdaError, match=r"building the native kernels failed: no C compiler found \(set CC\)"):
+        native._load()
+    monkeypatch.setenv("NEUROADA_NATIVE", "0")
+    assert native._load() is None
+
+
+def test_compiler_error_is_reported(monkeypatch, tmp_path):
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native, "_SOURCES", [bad])
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("NEUROADA_NATIVE", "1")
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    with pytest.raises(NeuroAdaError, match="building the native kernels failed: .*broken.c"):
+        native._load()
+    assert not list((tmp_path / "cache" / "native").glob("*.tmp"))  # no half-written library left
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,d_in,d_out,k", [(1, 3, 2, 1), (63, 17, 5, 3), (64, 33, 40, 33), (200, 70, 9, 1), (130, 16, 16, 16)])
+def test_native_sddmm_equals_dense_gradient(dtype, T, d_in, d_out, k):
+    lib = native.kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    g0 = torch.Generator().manual_seed(T + d_in)
+    g = torch.randn(T, d_out, generator=g0).to(dtype)
+    x = torch.randn(T, d_in, generator=g0).to(dtype)
+    idx = torch.rand(d_out, d_in, generator=g0).topk(k, dim=1).indices.sort(dim=1).values.to(torch.int32)
+    dense = g.double().t() @ x.double()  # [d_out, d_in]
+    want = dense.gather(1, idx.long()).float()
+    got = bypass._sddmm_native(lib, g, x, idx)
+    assert got.dtype == torch.float32 and got.shape == (d_out, k)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_sddmm_worked_example():
+    lib = native.kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    g = torch.tensor([[1.0, 2.0]])
+    x = torch.tensor([[3.0, 4.0, 5.0]])
+    idx = torch.tensor([[2], [0]], dtype=torch.int32)
+    assert bypass._sddmm_native(lib, g, x, idx).tolist() == [[5.0], [6.0]]
+
+
+def test_native_sddmm_strided_rows():
+    """A row stride larger than the width (a column slice of a bigger buffer) is honoured."""
+    lib = native.kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    big_x = torch.randn(100, 50)
+    big_g = torch.randn(100, 30)
+    x, g = big_x[:, 5:45], big_g[:, :20]
+    idx = torch.rand(20, 40).topk(4, dim=1).indices.sort(dim=1).values.to(torch.int32)
+    want = (g.t() @ x).gather(1, idx.long())
+    torch.testing.assert_close(bypass._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unwritable_cache_still_builds(monkeypatch, tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(blocker / "sub"))
+    monkeypatch.setenv("NEUROADA_NATIVE", "1")
+    lib = native._load()
+    assert lib is not None and lib.neuroada_abi_version() == 1
+
+
+def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
+    """The build without -march=native (no AVX2 tiles or eight-way dots) agrees with the fast one."""
+    fast = native.kernel()
+    if fast is None:
+        pytest.skip("kernel unavailable")
+    monkeypatch.setattr(native, "_NATIVE_ARCH", [])
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NEUROADA_NATIVE", "1")
+    portable = native._load()
+    g0 = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.randn(150, 37, generator=g0).to(dtype)
+        x = torch.randn(150, 45, generator=g0).to(dtype)
+        idx = torch.rand(37, 45, generator=g0).topk(11, dim=1).indices.sort(dim=1).values.to(torch.int32)
+        torch.testing.assert_close(
+            bypass._sddmm_native(portable, g, x, idx), bypass._sddmm_native(fast, g, x, idx), rtol=1e-5, atol=1e-5
+        )
+    w = (torch.randn(300, 500, generator=g0) * 0.02).to(torch.bfloat16)
+    want = select(w, 20)
+    monkeypatch.setitem(native._state, "lib", portable)
+    assert torch.equal(select(w, 20), want)
