@@ -27,6 +27,10 @@ import argparse
 import gc
 import json
 import os
+
+# as the neuroada-tools CLI does (cli.py): libgomp's worker threads spin for a shorter time after
+# each parallel op; set before torch is imported, it applies to every method measured here alike
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import re
 import resource
 import statistics

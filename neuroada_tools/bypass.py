@@ -50,6 +50,7 @@ training loops (``train.py``), the streaming on-disk merge (``merge.py``).
 
 from __future__ import annotations
 
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -150,12 +151,33 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
 
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _bump_version(t: torch.Tensor) -> None:
+    """Mark ``t`` modified in place (a write by the C kernel is invisible to autograd otherwise)."""
+    inc = getattr(torch.autograd.graph, "increment_version", None)
+    if inc is not None:
+        inc(t)
+    else:  # older torch: an in-place copy of an element onto itself bumps the counter too
+        with torch.no_grad():
+            head = t.view(-1)[:1]
+            head.copy_(head.clone())
 _POOL: list[ThreadPoolExecutor] = []
+_SCRATCH = threading.local()  # per-thread kernel scratch, reused across calls (no page faults)
+
+
+def _scratch(name: str, numel: int) -> torch.Tensor:
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        setattr(_SCRATCH, name, buf)
+    return buf
 
 
 def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The C kernel (``_native/sddmm.c``): tokens split over ``torch.get_num_threads()`` threads,
-    each with its own fp32 partial sums, added at the end (deterministic per thread count)."""
+    """The C kernel (``_native/sddmm.c``): tokens split over ``torch.get_num_threads()`` threads;
+    the first accumulates into the result, each other one into its own fp32 partial sums, added
+    at the end (deterministic for a given thread count)."""
     d_out, k = idx.shape
     T, d_in = x.shape
     fn = lib.neuroada_sddmm_f32 if x.dtype == torch.float32 else lib.neuroada_sddmm_bf16
@@ -164,22 +186,24 @@ def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> t
     idx = idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
     threads = max(1, min(torch.get_num_threads(), T // 64))
     bounds = [T * i // threads // 64 * 64 for i in range(threads)] + [T]
-    outs = torch.zeros((threads, d_out, k), dtype=torch.float32)
+    out = torch.empty((d_out, k), dtype=torch.float32)
     scratch = lib.neuroada_sddmm_scratch(d_in, d_out)
 
-    def work(i: int) -> None:
-        xT = torch.empty(scratch, dtype=torch.float32)
+    def work(i: int) -> torch.Tensor:
+        acc = out if i == 0 else _scratch("partial", d_out * k)
         fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), idx.data_ptr(), d_out, d_in, k,
-           bounds[i], bounds[i + 1], outs[i].data_ptr(), xT.data_ptr())
+           bounds[i], bounds[i + 1], acc.data_ptr(), _scratch("blocks", scratch).data_ptr(), 1)
+        return acc
 
     if threads == 1:
-        work(0)
-        return outs[0]
+        return work(0)
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="neuroada-sddmm"))
-    for f in [_POOL[0].submit(work, i) for i in range(threads)]:
-        f.result()
-    return outs.sum(0)
+    futures = [_POOL[0].submit(work, i) for i in range(1, threads)]
+    work(0)
+    for f in futures:
+        lib.neuroada_add_f32(out.data_ptr(), f.result().data_ptr(), d_out * k)
+    return out
 
 
 def _sddmm_columns(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -267,8 +291,24 @@ class _BypassMixin:
             self._neuroada_logical(self.weight).scatter_(1, self.neuroada_idx, values)
 
     def _neuroada_refresh(self) -> None:
-        """Write ``cast(fp32(W0_sel) + delta)`` (fp64 for an fp64 base) at the selected positions."""
+        """Write ``cast(fp32(W0_sel) + delta)`` (fp64 for an fp64 base) at the selected positions.
+
+        On CPU with an fp32 or bf16 base the compiled kernel does it (one pass over the d_out*k
+        entries, no temporaries, the same bits as the torch expression below)."""
         w0 = self.neuroada_w0
+        delta = self.neuroada_delta
+        w = self.weight
+        if w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype and delta.dtype == torch.float32:
+            lib = native.kernel()
+            if lib is not None and delta.is_contiguous() and w0.is_contiguous() and self.neuroada_idx.is_contiguous():
+                logical = self._neuroada_logical(w)
+                fn = lib.neuroada_refresh_f32 if w.dtype == torch.float32 else lib.neuroada_refresh_bf16
+                d_out, k = self.neuroada_idx.shape
+                fn(logical.data_ptr(), logical.stride(0), logical.stride(1), self.neuroada_idx.data_ptr(),
+                   w0.data_ptr(), delta.data_ptr(), d_out, k)
+                _bump_version(w)  # as torch's own in-place write would: autograd's checks stay valid
+                self._neuroada_dirty = True
+                return
         acc = torch.promote_types(w0.dtype, torch.float32)
         with torch.no_grad():
             vals = (w0.to(acc) + self.neuroada_delta.detach().to(acc)).to(w0.dtype)

@@ -6,9 +6,19 @@ Exit codes: 0 success, 1 parity check failed, 2 bad input (one line on stderr, n
 
 from __future__ import annotations
 
-import click
+import os
+import sys
 
-from neuroada_tools import __version__
+# OpenMP worker threads of torch (libgomp) spin for up to ~1 ms after every parallel op by
+# default, holding the cores that the next op (the compiled SDDMM, or any Python-thread work)
+# needs. A shorter spin costs torch's own ops nothing measurable here. Only a default: an exported
+# GOMP_SPINCOUNT wins, and it only takes effect if torch is not imported yet.
+if "torch" not in sys.modules:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import click  # noqa: E402
+
+from neuroada_tools import __version__  # noqa: E402
 from neuroada_tools.cli_common import _fail, emit, handle_errors, progress_bar  # noqa: F401  (re-exported)
 
 

@@ -32,7 +32,7 @@ _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing"]
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]
-_ABI = 1
+_ABI = 2
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -108,9 +108,14 @@ def _load() -> ctypes.CDLL | None:
             fn.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr]
             fn.restype = i64
         for fn in (lib.neuroada_sddmm_f32, lib.neuroada_sddmm_bf16):
-            fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr]
+            fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]
             fn.restype = None
         lib.neuroada_sddmm_scratch.argtypes = [i64, i64]
+        lib.neuroada_add_f32.argtypes = [ptr, ptr, i64]
+        lib.neuroada_add_f32.restype = None
+        for fn in (lib.neuroada_refresh_f32, lib.neuroada_refresh_bf16):
+            fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64]
+            fn.restype = None
         lib.neuroada_sddmm_scratch.restype = i64
         return lib
     except (OSError, subprocess.SubprocessError) as e:

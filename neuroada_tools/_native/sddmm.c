@@ -3,15 +3,16 @@
  *     out[i, j] += sum_{t in [t0, t1)} g[t, i] * x[t, idx[i, j]]
  *
  * g: [T, d_out] (row stride ldg), x: [T, d_in] (row stride ldx), both fp32 or both bf16;
- * idx: int32 [d_out, k]; out: fp32 [d_out, k], accumulated into (the caller zeroes it).
+ * idx: int32 [d_out, k]; out: fp32 [d_out, k], accumulated into (zeroed first when `zero`).
  * One call handles one token range; callers give each thread its own range and its own `out`
  * and add the partial sums (so the result is deterministic for a given thread count).
  *
- * Tokens go by blocks of TB. For each block, x and g are transposed once into xT [d_in, TB] and
- * gT [d_out, TB] (fp32; bf16 is widened on the way), small enough to stay in L2; then each row
- * gT[i] is dotted with the k rows xT[idx[i, j]]. Each dot is TB contiguous fp32 multiply-adds with TB/16 independent partial
- * sums per lane, which the compiler turns into SIMD; nothing of size T x d_out or d_out x d_in
- * is ever formed.
+ * Tokens go by blocks of tb (16-64, so that xT fits a core's L2). For each block, x is transposed
+ * once into xT [d_in, tb] and g, 256 output rows at a time, into gT [256, tb] (fp32; bf16 is
+ * widened on the way); then each row gT[i] is dotted with the k rows xT[idx[i, j]]: with AVX2,
+ * eight dots at a time on eight independent FMA chains and one horizontal-add tree; without,
+ * 16-lane partial sums the compiler vectorises. Nothing of size T x d_out or d_out x d_in is
+ * ever formed.
  *
  * Worked example (T = 1, d_out = 2, d_in = 3, k = 1): g = [[1, 2]], x = [[3, 4, 5]],
  * idx = [[2], [0]] -> out = [[1 * 5], [2 * 3]] = [[5], [6]].
@@ -19,7 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#define TB 64
+#define TB_MAX 64  /* tokens per block, at most */
+#define ROWS 256   /* output rows whose gT block is made at once */
 
 static inline float bf16_to_f32(uint16_t v)
 {
@@ -71,13 +73,13 @@ static inline __m256 load8_bf16(const uint16_t *p)
     __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
-/* o[q] += dot(g, xr[q]) over TB floats for q < m (m <= 8): eight independent FMA chains, then
+/* o[q] += dot(g, xr[q]) over tb floats (a multiple of 8) for q < m (m <= 8): eight independent FMA chains, then
  * one horizontal-add tree for all eight sums, so no dot pays a horizontal reduction of its own. */
-static inline void dots8(const float *g, const float *const *xr, int m, float *o)
+static inline void dots8(const float *g, const float *const *xr, int m, int tb, float *o)
 {
     __m256 acc[8];
     for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
-    for (int c = 0; c < TB; c += 8) {
+    for (int c = 0; c < tb; c += 8) {
         __m256 gv = _mm256_loadu_ps(g + c);
         for (int q = 0; q < 8; q++) acc[q] = _mm256_fmadd_ps(gv, _mm256_loadu_ps(xr[q] + c), acc[q]);
     }
@@ -101,57 +103,67 @@ static inline void dots8(const float *g, const float *const *xr, int m, float *o
             __m256 r[8];                                                                              \
             for (int q = 0; q < 8; q++) r[q] = LOAD8(src + (t + q) * ld + c);                         \
             tr8x8(r);                                                                                 \
-            for (int q = 0; q < 8; q++) _mm256_storeu_ps(dst + (c + q) * TB + t, r[q]);               \
+            for (int q = 0; q < 8; q++) _mm256_storeu_ps(dst + (c + q) * tb + t, r[q]);               \
         }
 #else
 #define TILES(T_, LOAD8)
 #endif
 
-/* dst[c * TB + t] = src[t * ld + c] for t < n, c < width; columns t >= n are zeroed so the dots
- * can always run over TB. 8x8 register tiles where AVX2 is available, scalar for the edges. */
+/* dst[c * tb + t] = src[t * ld + c] for t < n, c < width; columns t >= n are zeroed so the dots
+ * can always run over tb. 8x8 register tiles where AVX2 is available, scalar for the edges. */
 #define DEFINE_TRANSPOSE(NAME, T_, LOAD, LOAD8)                                                        \
-    static void NAME(const T_ *src, int64_t ld, int64_t width, int n, float *dst)                     \
+    static void NAME(const T_ *src, int64_t ld, int64_t width, int n, int tb, float *dst)             \
     {                                                                                                 \
         int t = 0;                                                                                    \
         TILES(T_, LOAD8)                                                                              \
         int64_t wfull = (t > 0) ? width / 8 * 8 : 0; /* columns the tiles covered for t' < t */       \
         for (int tt = 0; tt < t; tt++) {                                                              \
             const T_ *r = src + tt * ld;                                                              \
-            for (int64_t c = wfull; c < width; c++) dst[c * TB + tt] = LOAD(r[c]);                    \
+            for (int64_t c = wfull; c < width; c++) dst[c * tb + tt] = LOAD(r[c]);                    \
         }                                                                                             \
         for (; t < n; t++) {                                                                          \
             const T_ *r = src + t * ld;                                                               \
-            for (int64_t c = 0; c < width; c++) dst[c * TB + t] = LOAD(r[c]);                         \
+            for (int64_t c = 0; c < width; c++) dst[c * tb + t] = LOAD(r[c]);                         \
         }                                                                                             \
-        if (n < TB)                                                                                   \
-            for (int64_t c = 0; c < width; c++) memset(dst + c * TB + n, 0, (TB - n) * sizeof(float)); \
+        if (n < tb)                                                                                   \
+            for (int64_t c = 0; c < width; c++) memset(dst + c * tb + n, 0, (size_t)(tb - n) * sizeof(float)); \
     }
 
 /* out_row[j] += dot(gi, xT[row[j]]) for j < k */
-static inline void row_dots(const float *gi, const float *xT, const int32_t *row, int64_t k, float *out_row)
+static inline void row_dots(const float *gi, const float *xT, const int32_t *row, int64_t k, int tb, float *out_row)
 {
 #ifdef HAVE_DOTS8
     for (int64_t j = 0; j < k; j += 8) {
         int m = (int)(k - j < 8 ? k - j : 8);
         const float *xr[8];
-        for (int q = 0; q < 8; q++) xr[q] = xT + (int64_t)row[j + (q < m ? q : 0)] * TB;
-        dots8(gi, xr, m, out_row + j);
+        for (int q = 0; q < 8; q++) xr[q] = xT + (int64_t)row[j + (q < m ? q : 0)] * tb;
+        dots8(gi, xr, m, tb, out_row + j);
     }
 #else
-    for (int64_t j = 0; j < k; j++) out_row[j] += dot_tb(gi, xT + (int64_t)row[j] * TB, TB);
+    for (int64_t j = 0; j < k; j++) out_row[j] += dot_tb(gi, xT + (int64_t)row[j] * tb, tb);
 #endif
 }
 
+/* Tokens per block: xT [d_in, tb] must stay in a core's L2 (~512 KiB of it) while the dots read
+ * it at random rows. */
+static int block_tokens(int64_t d_in) { return d_in <= 2048 ? 64 : d_in <= 4096 ? 32 : 16; }
+
 #define DEFINE_SDDMM(NAME, TRANSPOSE, T_)                                                              \
     void NAME(const T_ *g, int64_t ldg, const T_ *x, int64_t ldx, const int32_t *idx, int64_t d_out,   \
-              int64_t d_in, int64_t k, int64_t t0, int64_t t1, float *out, float *scratch)            \
+              int64_t d_in, int64_t k, int64_t t0, int64_t t1, float *out, float *scratch, int zero)  \
     {                                                                                                 \
-        float *xT = scratch, *gT = scratch + d_in * TB;                                               \
-        for (int64_t tb = t0; tb < t1; tb += TB) {                                                    \
-            int n = (int)((t1 - tb) < TB ? (t1 - tb) : TB);                                           \
-            TRANSPOSE(x + tb * ldx, ldx, d_in, n, xT);                                                \
-            TRANSPOSE(g + tb * ldg, ldg, d_out, n, gT);                                               \
-            for (int64_t i = 0; i < d_out; i++) row_dots(gT + i * TB, xT, idx + i * k, k, out + i * k); \
+        const int tb = block_tokens(d_in);                                                            \
+        float *xT = scratch, *gT = scratch + d_in * TB_MAX;                                           \
+        if (zero) memset(out, 0, (size_t)(d_out * k) * sizeof(float));                                \
+        for (int64_t b = t0; b < t1; b += tb) {                                                       \
+            int n = (int)((t1 - b) < tb ? (t1 - b) : tb);                                             \
+            TRANSPOSE(x + b * ldx, ldx, d_in, n, tb, xT);                                             \
+            for (int64_t i0 = 0; i0 < d_out; i0 += ROWS) {                                            \
+                int64_t rows = d_out - i0 < ROWS ? d_out - i0 : ROWS;                                 \
+                TRANSPOSE(g + b * ldg + i0, ldg, rows, n, tb, gT);                                    \
+                for (int64_t i = 0; i < rows; i++)                                                    \
+                    row_dots(gT + i * tb, xT, idx + (i0 + i) * k, k, tb, out + (i0 + i) * k);         \
+            }                                                                                         \
         }                                                                                             \
     }
 
@@ -163,4 +175,37 @@ DEFINE_SDDMM(neuroada_sddmm_f32, transpose_f32, float)
 DEFINE_SDDMM(neuroada_sddmm_bf16, transpose_bf16, uint16_t)
 
 /* floats of scratch one call needs (xT and gT blocks) */
-int64_t neuroada_sddmm_scratch(int64_t d_in, int64_t d_out) { return (d_in + d_out) * TB; }
+int64_t neuroada_sddmm_scratch(int64_t d_in, int64_t d_out) { (void)d_out; return (d_in + ROWS) * TB_MAX; }
+
+/* dst[i] += src[i]: adds a thread's partial sums without a torch op (whose worker threads would
+ * then spin-wait on the cores the next kernel call needs) */
+void neuroada_add_f32(float *dst, const float *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+/* The bypass's forward refresh: w[i*rs + idx[i,j]*cs] = cast(w0[i,j] + delta[i,j]) for the d_out*k
+ * selected entries, fp32 arithmetic, as bypass._neuroada_refresh computes it with torch (bf16
+ * rounding: round to nearest even, as torch's float->bfloat16 cast; a NaN becomes a quiet NaN). */
+void neuroada_refresh_f32(float *w, int64_t rs, int64_t cs, const int32_t *idx, const float *w0, const float *delta,
+                          int64_t d_out, int64_t k)
+{
+    for (int64_t i = 0; i < d_out; i++)
+        for (int64_t j = 0; j < k; j++) w[i * rs + (int64_t)idx[i * k + j] * cs] = w0[i * k + j] + delta[i * k + j];
+}
+
+static inline uint16_t f32_to_bf16(float f)
+{
+    union { float f; uint32_t u; } c;
+    c.f = f;
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((c.u + (((c.u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
+void neuroada_refresh_bf16(uint16_t *w, int64_t rs, int64_t cs, const int32_t *idx, const uint16_t *w0,
+                           const float *delta, int64_t d_out, int64_t k)
+{
+    for (int64_t i = 0; i < d_out; i++)
+        for (int64_t j = 0; j < k; j++)
+            w[i * rs + (int64_t)idx[i * k + j] * cs] = f32_to_bf16(bf16_to_f32(w0[i * k + j]) + delta[i * k + j]);
+}
