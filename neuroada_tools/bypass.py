@@ -188,21 +188,25 @@ def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> t
     bounds = [T * i // threads // 64 * 64 for i in range(threads)] + [T]
     out = torch.empty((d_out, k), dtype=torch.float32)
     scratch = lib.neuroada_sddmm_scratch(d_in, d_out)
+    n = d_out * k
+    # partial sums of threads 1.. belong to the calling thread (safe if several threads call)
+    partials = _scratch("partial", (threads - 1) * n) if threads > 1 else out
 
-    def work(i: int) -> torch.Tensor:
-        acc = out if i == 0 else _scratch("partial", d_out * k)
+    def work(i: int) -> None:
+        acc = out.data_ptr() if i == 0 else partials[(i - 1) * n :].data_ptr()
         fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), idx.data_ptr(), d_out, d_in, k,
-           bounds[i], bounds[i + 1], acc.data_ptr(), _scratch("blocks", scratch).data_ptr(), 1)
-        return acc
+           bounds[i], bounds[i + 1], acc, _scratch("blocks", scratch).data_ptr(), 1)
 
     if threads == 1:
-        return work(0)
+        work(0)
+        return out
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="neuroada-sddmm"))
     futures = [_POOL[0].submit(work, i) for i in range(1, threads)]
     work(0)
-    for f in futures:
-        lib.neuroada_add_f32(out.data_ptr(), f.result().data_ptr(), d_out * k)
+    for i, f in enumerate(futures, start=1):
+        f.result()
+        lib.neuroada_add_f32(out.data_ptr(), partials[(i - 1) * n :].data_ptr(), n)
     return out
 
 

@@ -194,3 +194,35 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, monkeypatch):
         results.append(layer.weight.detach().clone())
     assert torch.equal(results[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        results[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_native_sddmm_from_several_threads_at_once():
+    """Two callers at once (two models trained in two threads) get their own partial sums."""
+    import threading
+
+    lib = native.kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    g0 = torch.Generator().manual_seed(11)
+    cases = []
+    for _ in range(4):
+        g = torch.randn(300, 40, generator=g0)
+        x = torch.randn(300, 60, generator=g0)
+        idx = torch.rand(40, 60, generator=g0).topk(9, dim=1).indices.sort(dim=1).values.to(torch.int32)
+        cases.append((g, x, idx, (g.double().t() @ x.double()).gather(1, idx.long()).float()))
+    errors = []
+
+    def run(case):
+        g, x, idx, want = case
+        for _ in range(30):
+            got = bypass._sddmm_native(lib, g, x, idx)
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-4):
+                errors.append("mismatch")
+                return
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
