@@ -226,3 +226,17 @@ def test_native_sddmm_from_several_threads_at_once():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_cli_shortens_the_openmp_spin_unless_told_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    code = "import neuroada_tools.cli, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "10000"
+    env["GOMP_SPINCOUNT"] = "5"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "5"

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from neuroada_tools import native
 from neuroada_tools.select import magnitude_bits, reference_select, select
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def selection_path(request, monkeypatch):
+    """Every test here runs on both paths: the compiled kernel and the pure-torch fallback."""
+    if request.param == "torch":
+        monkeypatch.setitem(native._state, "lib", None)
+    elif native.kernel() is None:
+        pytest.skip("kernel unavailable")
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
