@@ -79,6 +79,10 @@ def _human_index(s: dict) -> str:
     ]
     if s["clipped"]:
         lines.append(f"  k clipped to d_in for {len(s['clipped'])} tensors")
+    speed = f" ({s['bytes_indexed'] / s['seconds'] / 1e9:.2f} GB/s of adapted weights)" if s["seconds"] >= 0.5 else ""
+    lines.append(f"  {s['seconds']:.1f} s{speed}")
+    if s["selection_kernel"] != "native":
+        lines.append("  note: no C compiler found, so the slower torch selection ran (same result; set CC, see README)")
     return "\n".join(lines)
 
 

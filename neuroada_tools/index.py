@@ -10,10 +10,12 @@ whole index (108 MB for LLaMA-7B at k=20) is never held.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from neuroada_tools import native
 from neuroada_tools.checkpoint import Checkpoint, open_checkpoint
 from neuroada_tools.errors import TargetError
 from neuroada_tools.safetensors_io import atomic_file, check_output
@@ -38,6 +40,8 @@ class IndexSummary:
     trainable_share: float
     bytes_indexed: int
     clipped: list[str]
+    seconds: float = 0.0
+    selection_kernel: str = "native"  # "native" (compiled C) or "torch" (no C compiler: slower)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,6 +151,7 @@ def run_index(
     progress: Progress | None = None,
 ) -> IndexSummary:
     """Build the index and write it atomically to ``output``."""
+    started = time.perf_counter()
     output = Path(output)
     ckpt = open_checkpoint(model)
     check_output(output, force, inputs=list(ckpt.files) + [ckpt.root / "config.json"])
@@ -169,4 +174,6 @@ def run_index(
         trainable_share=trainable / total if total else 0.0,
         bytes_indexed=sum(ckpt.tensors[t.name].raw.nbytes for t in targets),
         clipped=clipped,
+        seconds=round(time.perf_counter() - started, 3),
+        selection_kernel="native" if native.kernel() is not None else "torch",
     )

@@ -385,3 +385,16 @@ def test_cache_dir_unwritable_still_indexes(fixture_models, tmp_path, monkeypatc
     result = run_cli("index", fixture_models["llama"], "-k", "2", "-o", tmp_path / "i.safetensors", "--quiet")
     assert result.exit_code == 0, result.output
     assert read_index(tmp_path / "i.safetensors").k == 2
+
+
+def test_summary_names_the_selection_kernel(fixture_models, tmp_path, monkeypatch):
+    from neuroada_tools import native
+
+    result = run_cli("index", fixture_models["llama"], "-k", "2", "-o", tmp_path / "a", "--json", "-q")
+    data = json.loads(result.output)
+    assert data["selection_kernel"] == ("native" if native.kernel() is not None else "torch")
+    assert data["seconds"] >= 0
+    monkeypatch.setitem(native._state, "lib", None)
+    result = run_cli("index", fixture_models["llama"], "-k", "2", "-o", tmp_path / "b", "-q")
+    assert "note: no C compiler found, so the slower torch selection ran" in result.output
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()  # same index either way
