@@ -17,10 +17,12 @@ Two ways to compute it (``mode``):
   overwritten in place with ``W0_sel + delta`` (``W0_sel``: the base values at those positions,
   kept in the base dtype, so ``detach`` restores the base bit for bit). The forward is then one
   plain matmul with ``W' = W + S``. Backward (``_FusedBypass``): ``grad_x = g W'`` (what a frozen
-  base computes anyway) and ``grad_delta = SDDMM(g^T, x)`` on the CSR pattern ``crow =
-  arange(d_out + 1) * k, col = idx``: ``torch.sparse.sampled_addmm`` in fp32, ``T * d_out * k``
-  multiply-adds instead of the dense ``T * d_out * d_in`` of ``g^T x`` (for k <= 2, and where
-  ``sampled_addmm`` is unavailable, a per-column gather-multiply-sum instead). Saved for backward:
+  base computes anyway) and ``grad_delta = SDDMM(g^T, x)``: ``T * d_out * k`` multiply-adds in
+  fp32 instead of the dense ``T * d_out * d_in`` of ``g^T x``. On CPU (fp32/bf16) the compiled
+  kernel ``_native/sddmm.c`` computes it, and also does the per-forward refresh; elsewhere
+  ``torch.sparse.sampled_addmm`` on the CSR pattern ``crow = arange(d_out + 1) * k, col = idx``
+  (for k <= 2, and where ``sampled_addmm`` is unavailable, a per-column gather-multiply-sum
+  instead). Saved for backward:
   ``x`` only (plus a Python handle on the layer); no copy of the weight, no dense weight gradient.
 - ``"reference"``: ``x W^T + b`` plus ``x S^T`` with ``S`` built by ``scatter`` from ``delta``,
   plain autograd, the weight left clean. Slow and memory hungry; for tests and parity.
@@ -100,7 +102,10 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     Example: ``g = [[1, 2]]``, ``x = [[3, 4, 5]]``, ``idx = [[2], [0]]`` gives ``[[1 * 5], [2 * 3]]
     = [[5], [6]]``.
 
-    Two kernels (``SDDMM_BACKEND``; ``"auto"`` picks):
+    Three kernels (``SDDMM_BACKEND``; ``"auto"`` picks):
+
+    - ``"native"`` (CPU, fp32 or bf16 inputs, where the compiled kernel is available):
+      ``_native/sddmm.c``, tokens split over ``torch.get_num_threads()`` threads (see there).
 
     - ``torch.sparse.sampled_addmm`` on the CSR pattern: it dots row ``i`` of ``g^T`` with row
       ``idx[i, j]`` of ``x^T``, so both are first copied into T-contiguous fp32 (the copy also

@@ -42,7 +42,8 @@ the delta sidecar at ``output`` (``formats/delta-v1.md``: the deltas, the traine
 names, steps and last loss) and the resume state at ``state_path(output)``
 (``boolq.delta.safetensors`` -> ``boolq.state.safetensors``). Both are written at every
 checkpoint and at the end; nothing is ever written to the model folder. The same seed, data and
-settings give byte-identical files (on CPU; some CUDA kernels are not deterministic).
+settings give byte-identical files (on CPU, for a given torch thread count: the SDDMM adds its
+threads' partial sums in a fixed order; some CUDA kernels are not deterministic).
 
 The resume state (safetensors, no pickle):
 
