@@ -100,7 +100,12 @@ def _load() -> ctypes.CDLL | None:
         cc = _compiler()
         if cc is None:
             raise OSError("no C compiler found (set CC)")
-        lib = ctypes.CDLL(str(_build(cc)))
+        path = _build(cc)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached library (say, truncated by a full disk): build it again
+            path.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(_build(cc)))
         if lib.neuroada_abi_version() != _ABI:
             raise OSError("stale kernel library (ABI mismatch)")
         i64, ptr = ctypes.c_int64, ctypes.c_void_p

@@ -240,3 +240,15 @@ def test_cli_shortens_the_openmp_spin_unless_told_otherwise():
     env["GOMP_SPINCOUNT"] = "5"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "5"
+
+
+def test_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NEUROADA_NATIVE", "1")
+    cached = native._build(native._compiler())  # built but not loaded (a loaded file must not be overwritten)
+    cached.write_bytes(b"\x7fELF truncated")
+    lib = native._load()
+    assert lib is not None and lib.neuroada_abi_version() == native._ABI
+    assert cached.stat().st_size > 1000
