@@ -27,10 +27,6 @@ import argparse
 import gc
 import json
 import os
-
-# as the neuroada-tools CLI does (cli.py): libgomp's worker threads spin for a shorter time after
-# each parallel op; set before torch is imported, it applies to every method measured here alike
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import re
 import resource
 import statistics
@@ -41,11 +37,14 @@ from pathlib import Path
 
 import warnings
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from neuroada_tools.native import shorten_openmp_spin  # noqa: E402
+
+shorten_openmp_spin()  # as the CLI does, before torch is imported; applies to every method alike
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from neuroada_tools.bypass import attach, count_trainable  # noqa: E402
 from neuroada_tools.select import select  # noqa: E402

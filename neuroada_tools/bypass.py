@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +82,7 @@ _ROOT_STATE = "_neuroada_attach_state"
 # otherwise "columns" for k <= _COLUMNS_MAX_K or where sampled_addmm raised, else "sampled_addmm"),
 # or force "native" / "sampled_addmm" / "columns" (tests and benchmarks do)
 SDDMM_BACKEND = "auto"
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
 _COLUMNS_MAX_K = 2
 _SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
 _L2_FLOATS = 1 << 18  # CPU SDDMM token block: d_in * block fp32 values of x^T (1 MiB) stay in L2 ...
@@ -155,19 +155,8 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     return _sddmm_columns(g, x, idx)
 
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _bump_version(t: torch.Tensor) -> None:
-    """Mark ``t`` modified in place (a write by the C kernel is invisible to autograd otherwise)."""
-    inc = getattr(torch.autograd.graph, "increment_version", None)
-    if inc is not None:
-        inc(t)
-    else:  # older torch: an in-place copy of an element onto itself bumps the counter too
-        with torch.no_grad():
-            head = t.view(-1)[:1]
-            head.copy_(head.clone())
-_POOL: list[ThreadPoolExecutor] = []
 _SCRATCH = threading.local()  # per-thread kernel scratch, reused across calls (no page faults)
 
 
@@ -180,9 +169,9 @@ def _scratch(name: str, numel: int) -> torch.Tensor:
 
 
 def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The C kernel (``_native/sddmm.c``): tokens split over ``torch.get_num_threads()`` threads;
-    the first accumulates into the result, each other one into its own fp32 partial sums, added
-    at the end (deterministic for a given thread count)."""
+    """The C kernel (``_native/sddmm.c``): tokens split over ``torch.get_num_threads()`` threads
+    (``native.parallel``); the first writes the result, each other one its own fp32 partial sums,
+    added at the end in a fixed order (deterministic for a given thread count)."""
     d_out, k = idx.shape
     T, d_in = x.shape
     fn = lib.neuroada_sddmm_f32 if x.dtype == torch.float32 else lib.neuroada_sddmm_bf16
@@ -192,26 +181,21 @@ def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> t
     threads = max(1, min(torch.get_num_threads(), T // 64))
     bounds = [T * i // threads // 64 * 64 for i in range(threads)] + [T]
     out = torch.empty((d_out, k), dtype=torch.float32)
-    scratch = lib.neuroada_sddmm_scratch(d_in, d_out)
+    scratch = lib.neuroada_sddmm_scratch(d_in)
     n = d_out * k
     # partial sums of threads 1.. belong to the calling thread (safe if several threads call)
     partials = _scratch("partial", (threads - 1) * n) if threads > 1 else out
 
-    def work(i: int) -> None:
-        acc = out.data_ptr() if i == 0 else partials[(i - 1) * n :].data_ptr()
-        fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), idx.data_ptr(), d_out, d_in, k,
-           bounds[i], bounds[i + 1], acc, _scratch("blocks", scratch).data_ptr(), 1)
+    def acc(part: int) -> int:
+        return out.data_ptr() if part == 0 else partials[(part - 1) * n :].data_ptr()
 
-    if threads == 1:
-        work(0)
-        return out
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="neuroada-sddmm"))
-    futures = [_POOL[0].submit(work, i) for i in range(1, threads)]
-    work(0)
-    for i, f in enumerate(futures, start=1):
-        f.result()
-        lib.neuroada_add_f32(out.data_ptr(), partials[(i - 1) * n :].data_ptr(), n)
+    def work(part: int) -> None:
+        fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), idx.data_ptr(), d_out, d_in, k,
+           bounds[part], bounds[part + 1], acc(part), _scratch("blocks", scratch).data_ptr())
+
+    native.parallel(work, threads)
+    for part in range(1, threads):  # in C: a torch op here would leave libgomp threads spinning
+        lib.neuroada_add_f32(out.data_ptr(), acc(part), n)
     return out
 
 
@@ -304,24 +288,22 @@ class _BypassMixin:
 
         On CPU with an fp32 or bf16 base the compiled kernel does it (one pass over the d_out*k
         entries, no temporaries, the same bits as the torch expression below)."""
-        w0 = self.neuroada_w0
-        delta = self.neuroada_delta
-        w = self.weight
-        if w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype and delta.dtype == torch.float32:
-            lib = native.kernel()
-            if lib is not None and delta.is_contiguous() and w0.is_contiguous() and self.neuroada_idx.is_contiguous():
-                logical = self._neuroada_logical(w)
-                fn = lib.neuroada_refresh_f32 if w.dtype == torch.float32 else lib.neuroada_refresh_bf16
-                d_out, k = self.neuroada_idx.shape
-                fn(logical.data_ptr(), logical.stride(0), logical.stride(1), self.neuroada_idx.data_ptr(),
-                   w0.data_ptr(), delta.data_ptr(), d_out, k)
-                _bump_version(w)  # as torch's own in-place write would: autograd's checks stay valid
-                self._neuroada_dirty = True
-                return
-        acc = torch.promote_types(w0.dtype, torch.float32)
-        with torch.no_grad():
-            vals = (w0.to(acc) + self.neuroada_delta.detach().to(acc)).to(w0.dtype)
-            self._neuroada_write(vals)
+        w0, delta, w, idx = self.neuroada_w0, self.neuroada_delta, self.weight, self.neuroada_idx
+        native_ok = (
+            w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
+            and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
+        )
+        lib = native.kernel() if native_ok else None
+        if lib is not None:
+            logical = self._neuroada_logical(w)
+            fn = lib.neuroada_refresh_f32 if w.dtype == torch.float32 else lib.neuroada_refresh_bf16
+            fn(logical.data_ptr(), logical.stride(0), logical.stride(1), idx.data_ptr(),
+               w0.data_ptr(), delta.data_ptr(), idx.shape[0], idx.shape[1])
+            torch.autograd.graph.increment_version(w)  # as torch's own in-place write would
+        else:
+            acc = torch.promote_types(w0.dtype, torch.float32)
+            with torch.no_grad():
+                self._neuroada_write((w0.to(acc) + delta.detach().to(acc)).to(w0.dtype))
         self._neuroada_dirty = True
 
     def _neuroada_restore(self) -> None:

@@ -6,15 +6,9 @@ Exit codes: 0 success, 1 parity check failed, 2 bad input (one line on stderr, n
 
 from __future__ import annotations
 
-import os
-import sys
+from neuroada_tools.native import shorten_openmp_spin
 
-# OpenMP worker threads of torch (libgomp) spin for up to ~1 ms after every parallel op by
-# default, holding the cores that the next op (the compiled SDDMM, or any Python-thread work)
-# needs. A shorter spin costs torch's own ops nothing measurable here. Only a default: an exported
-# GOMP_SPINCOUNT wins, and it only takes effect if torch is not imported yet.
-if "torch" not in sys.modules:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+shorten_openmp_spin()  # before anything imports torch (see native.py)
 
 import click  # noqa: E402
 

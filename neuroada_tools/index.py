@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from neuroada_tools import native
@@ -123,7 +123,7 @@ def _build(
                 writer.write(t.name, idx, fp)
             else:
                 index.indices[t.name] = idx
-                index.entries[t.name] = TensorEntry((t.d_out, t.d_in), t.layout, ckpt.tensors[t.name].dtype, fp)
+                index.entries[t.name] = replace(index.entries[t.name], fingerprint=fp)
             del stored, logical, idx
             if progress:
                 progress(ckpt.tensors[t.name].raw.nbytes)

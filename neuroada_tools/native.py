@@ -9,6 +9,10 @@ None and ``select.py`` uses its pure-torch path, which gives the same indices, o
 
 ``NEUROADA_NATIVE=0`` disables the kernel; ``NEUROADA_NATIVE=1`` makes a failed build an error
 instead of a silent fallback (CI sets it, so the fast path is what the tests check).
+
+Also here, shared by every caller of the kernels: ``parallel`` (run a kernel's parts on the
+calling thread and a shared pool) and ``shorten_openmp_spin`` (the ``GOMP_SPINCOUNT`` default
+the CLI and the benchmarks set before importing torch). This module never imports torch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from neuroada_tools.errors import NeuroAdaError
@@ -32,7 +38,7 @@ _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing"]
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]
-_ABI = 2
+_ABI = 3
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -65,6 +71,8 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
+    from neuroada_tools.safetensors_io import atomic_file  # (imports torch: not at module level)
+
     parts = [p.read_bytes() for p in _SOURCES]
     parts += [cc.encode(), " ".join(_FLAGS + _NATIVE_ARCH).encode(), platform.machine().encode(), sys.platform.encode()]
     parts.append(_cpu_id().encode())
@@ -74,21 +82,17 @@ def _build(cc: str) -> Path:
         return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so.tmp", dir=out.parent)
-    except OSError:  # cache not writable (read-only home): build into a private temporary folder
+        writable = os.access(out.parent, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # cache not writable (read-only home): build into a private temporary folder
         out = Path(tempfile.mkdtemp(prefix="neuroada-native-")) / out.name
-        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so.tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        sources = [str(p) for p in _SOURCES]
+    sources = [str(p) for p in _SOURCES]
+    with atomic_file(out) as tmp:
         try:
-            subprocess.run([cc, *_FLAGS, *_NATIVE_ARCH, "-o", tmp, *sources], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *_FLAGS, *_NATIVE_ARCH, "-o", str(tmp), *sources], check=True, capture_output=True, timeout=120)
         except subprocess.CalledProcessError:  # a compiler without -march=native: portable build
-            subprocess.run([cc, *_FLAGS, "-o", tmp, *sources], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            subprocess.run([cc, *_FLAGS, "-o", str(tmp), *sources], check=True, capture_output=True, timeout=120)
     return out
 
 
@@ -108,20 +112,20 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build(cc)))
         if lib.neuroada_abi_version() != _ABI:
             raise OSError("stale kernel library (ABI mismatch)")
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        for fn in (lib.neuroada_select_u16, lib.neuroada_select_u32):
-            fn.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr]
-            fn.restype = i64
-        for fn in (lib.neuroada_sddmm_f32, lib.neuroada_sddmm_bf16):
-            fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]
-            fn.restype = None
-        lib.neuroada_sddmm_scratch.argtypes = [i64, i64]
-        lib.neuroada_add_f32.argtypes = [ptr, ptr, i64]
-        lib.neuroada_add_f32.restype = None
-        for fn in (lib.neuroada_refresh_f32, lib.neuroada_refresh_bf16):
-            fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64]
-            fn.restype = None
-        lib.neuroada_sddmm_scratch.restype = i64
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        signatures = {  # name: (argument types, result type); must match _native/*.c
+            "neuroada_select_u16": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
+            "neuroada_select_u32": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
+            "neuroada_sddmm_f32": ([ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr], None),
+            "neuroada_sddmm_bf16": ([ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr], None),
+            "neuroada_sddmm_scratch": ([i64], i64),
+            "neuroada_add_f32": ([ptr, ptr, i64], None),
+            "neuroada_refresh_f32": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
+            "neuroada_refresh_bf16": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
+        }
+        for name, (args, result) in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, result
         return lib
     except (OSError, subprocess.SubprocessError) as e:
         if mode == "1":
@@ -136,3 +140,37 @@ def kernel() -> ctypes.CDLL | None:
         if "lib" not in _state:
             _state["lib"] = _load()
         return _state["lib"]  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- running kernels on threads
+
+_pool: list[ThreadPoolExecutor] = []
+
+
+def parallel(work: Callable[[int], None], parts: int) -> None:
+    """Run ``work(0) ... work(parts - 1)``: part 0 on the calling thread, the others on a shared
+    pool (kernel calls drop the GIL, so the parts run side by side). Re-raises the first error."""
+    if parts <= 1:
+        work(0)
+        return
+    with _lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="neuroada-kernel"))
+    futures = [_pool[0].submit(work, i) for i in range(1, parts)]
+    try:
+        work(0)
+    finally:
+        for f in futures:
+            f.result()
+
+
+def shorten_openmp_spin() -> None:
+    """Default ``GOMP_SPINCOUNT`` to 10000 when torch is not imported yet.
+
+    torch's OpenMP worker threads (libgomp) spin for up to ~1 ms after every parallel op by
+    default, holding the cores that the next op (a kernel here, or any Python-thread work) needs;
+    the shorter spin costs torch's own ops nothing measurable (BENCHMARKS.md). Only a default: an
+    exported ``GOMP_SPINCOUNT`` wins, and libgomp reads it once, when torch is first imported.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")

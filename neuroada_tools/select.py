@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -109,32 +108,28 @@ def select(
 
 
 def _select_native(lib, bits: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Run the C kernel on contiguous row blocks, one block per thread (ctypes drops the GIL)."""
+    """Run the C kernel on row ranges, one per thread (``native.parallel``; ctypes drops the GIL)."""
     d_out, d_in = bits.shape
     fn = lib.neuroada_select_u16 if bits.dtype == torch.int16 else lib.neuroada_select_u32
     out = torch.empty((d_out, k), dtype=torch.int32)
     if d_out == 0:
         return out
-    threads = max(1, min(torch.get_num_threads(), d_out // 64 or 1))
+    threads = max(1, min(torch.get_num_threads(), d_out // 64))
     bounds = [d_out * i // threads for i in range(threads + 1)]
     contiguous_rows = bits.stride(1) == 1
 
-    def work(lo: int, hi: int) -> None:
+    def work(part: int) -> None:
+        lo, hi = bounds[part], bounds[part + 1]
         cols = torch.empty(d_in, dtype=torch.int32)
         keys = torch.empty(d_in, dtype=torch.int32)
-        step = (hi - lo) if contiguous_rows else _ROW_CHUNK
+        step = (hi - lo) if contiguous_rows else _ROW_CHUNK  # Conv1D views: copy 256 rows at a time
         for s in range(lo, hi, step):
             n = min(step, hi - s)
             block = bits[s : s + n] if contiguous_rows else bits[s : s + n].contiguous()
             fn(block.data_ptr(), n, d_in, block.stride(0), k, 0 if largest else 1,
                out[s].data_ptr(), cols.data_ptr(), keys.data_ptr())
 
-    if threads == 1:
-        work(0, d_out)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            for f in [pool.submit(work, bounds[i], bounds[i + 1]) for i in range(threads)]:
-                f.result()
+    native.parallel(work, threads)
     return out
 
 

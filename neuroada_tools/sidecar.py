@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -158,15 +158,14 @@ class IndexStreamWriter:
         self.index = index
         self.names = sorted(index.entries)
         for n in self.names:
-            index.entries[n] = TensorEntry(index.entries[n].shape, index.entries[n].layout, index.entries[n].dtype, "0" * 64)
+            index.entries[n] = replace(index.entries[n], fingerprint="0" * 64)
         entries = [(n, "I32", (index.entries[n].shape[0], ks[n])) for n in self.names]
         self._w = StreamingWriter(path, entries, index_metadata(index))
         self.path = Path(path)
 
     def write(self, name: str, indices: torch.Tensor, fingerprint_hex: str) -> None:
         """Write the next tensor (in sorted-name order) and record its fingerprint."""
-        e = self.index.entries[name]
-        self.index.entries[name] = TensorEntry(e.shape, e.layout, e.dtype, fingerprint_hex)
+        self.index.entries[name] = replace(self.index.entries[name], fingerprint=fingerprint_hex)
         self._w.write(name, indices.to(torch.int32).contiguous())
 
     def close(self) -> str:

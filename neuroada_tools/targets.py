@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,7 +31,7 @@ from neuroada_tools.checkpoint import Checkpoint
 from neuroada_tools.errors import TargetError
 from neuroada_tools.native import cache_dir
 from neuroada_tools.naming import match_names
-from neuroada_tools.safetensors_io import FLOAT_DTYPES
+from neuroada_tools.safetensors_io import FLOAT_DTYPES, atomic_file
 
 _BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
 _NOT_A_PROJECTION = re.compile(r"(norm|ln_|layernorm|embed|wte|wpe|rotary|bias$)", re.IGNORECASE)
@@ -145,14 +143,8 @@ def architecture_linears_cached(config: dict) -> dict[str, bool] | None:
     if linears is not None and path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".targets-", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"linears": linears}, f)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps({"linears": linears}), encoding="utf-8")
         except OSError:
             pass
     return linears

@@ -3,7 +3,7 @@
  *     out[i, j] += sum_{t in [t0, t1)} g[t, i] * x[t, idx[i, j]]
  *
  * g: [T, d_out] (row stride ldg), x: [T, d_in] (row stride ldx), both fp32 or both bf16;
- * idx: int32 [d_out, k]; out: fp32 [d_out, k], accumulated into (zeroed first when `zero`).
+ * idx: int32 [d_out, k]; out: fp32 [d_out, k], overwritten with this token range's sums.
  * One call handles one token range; callers give each thread its own range and its own `out`
  * and add the partial sums (so the result is deterministic for a given thread count).
  *
@@ -150,11 +150,11 @@ static int block_tokens(int64_t d_in) { return d_in <= 2048 ? 64 : d_in <= 4096 
 
 #define DEFINE_SDDMM(NAME, TRANSPOSE, T_)                                                              \
     void NAME(const T_ *g, int64_t ldg, const T_ *x, int64_t ldx, const int32_t *idx, int64_t d_out,   \
-              int64_t d_in, int64_t k, int64_t t0, int64_t t1, float *out, float *scratch, int zero)  \
+              int64_t d_in, int64_t k, int64_t t0, int64_t t1, float *out, float *scratch)            \
     {                                                                                                 \
         const int tb = block_tokens(d_in);                                                            \
         float *xT = scratch, *gT = scratch + d_in * TB_MAX;                                           \
-        if (zero) memset(out, 0, (size_t)(d_out * k) * sizeof(float));                                \
+        memset(out, 0, (size_t)(d_out * k) * sizeof(float));                                          \
         for (int64_t b = t0; b < t1; b += tb) {                                                       \
             int n = (int)((t1 - b) < tb ? (t1 - b) : tb);                                             \
             TRANSPOSE(x + b * ldx, ldx, d_in, n, tb, xT);                                             \
@@ -175,7 +175,7 @@ DEFINE_SDDMM(neuroada_sddmm_f32, transpose_f32, float)
 DEFINE_SDDMM(neuroada_sddmm_bf16, transpose_bf16, uint16_t)
 
 /* floats of scratch one call needs (xT and gT blocks) */
-int64_t neuroada_sddmm_scratch(int64_t d_in, int64_t d_out) { (void)d_out; return (d_in + ROWS) * TB_MAX; }
+int64_t neuroada_sddmm_scratch(int64_t d_in) { return (d_in + ROWS) * TB_MAX; }
 
 /* dst[i] += src[i]: adds a thread's partial sums without a torch op (whose worker threads would
  * then spin-wait on the cores the next kernel call needs) */
