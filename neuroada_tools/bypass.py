@@ -19,7 +19,7 @@ Two ways to compute it (``mode``):
   plain matmul with ``W' = W + S``. Backward (``_FusedBypass``): ``grad_x = g W'`` (what a frozen
   base computes anyway) and ``grad_delta = SDDMM(g^T, x)``: ``T * d_out * k`` multiply-adds in
   fp32 instead of the dense ``T * d_out * d_in`` of ``g^T x``. On CPU (fp32/bf16) the compiled
-  kernel ``_native/sddmm.c`` computes it, and also does the per-forward refresh; elsewhere
+  kernel ``_native/sddmm.c`` computes it; elsewhere
   ``torch.sparse.sampled_addmm`` on the CSR pattern ``crow = arange(d_out + 1) * k, col = idx``
   (for k <= 2, and where ``sampled_addmm`` is unavailable, a per-column gather-multiply-sum
   instead). Saved for backward:
@@ -82,7 +82,7 @@ _ROOT_STATE = "_neuroada_attach_state"
 # otherwise "columns" for k <= _COLUMNS_MAX_K or where sampled_addmm raised, else "sampled_addmm"),
 # or force "native" / "sampled_addmm" / "columns" (tests and benchmarks do)
 SDDMM_BACKEND = "auto"
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM takes
 _COLUMNS_MAX_K = 2
 _SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
 _L2_FLOATS = 1 << 18  # CPU SDDMM token block: d_in * block fp32 values of x^T (1 MiB) stay in L2 ...
@@ -286,24 +286,13 @@ class _BypassMixin:
     def _neuroada_refresh(self) -> None:
         """Write ``cast(fp32(W0_sel) + delta)`` (fp64 for an fp64 base) at the selected positions.
 
-        On CPU with an fp32 or bf16 base the compiled kernel does it (one pass over the d_out*k
-        entries, no temporaries, the same bits as the torch expression below)."""
-        w0, delta, w, idx = self.neuroada_w0, self.neuroada_delta, self.weight, self.neuroada_idx
-        native_ok = (
-            w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
-            and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
-        )
-        lib = native.kernel() if native_ok else None
-        if lib is not None:
-            logical = self._neuroada_logical(w)
-            fn = lib.neuroada_refresh_f32 if w.dtype == torch.float32 else lib.neuroada_refresh_bf16
-            fn(logical.data_ptr(), logical.stride(0), logical.stride(1), idx.data_ptr(),
-               w0.data_ptr(), delta.data_ptr(), idx.shape[0], idx.shape[1])
-            torch.autograd.graph.increment_version(w)  # as torch's own in-place write would
-        else:
-            acc = torch.promote_types(w0.dtype, torch.float32)
-            with torch.no_grad():
-                self._neuroada_write((w0.to(acc) + delta.detach().to(acc)).to(w0.dtype))
+        (A compiled version was tried and dropped: the d_out*k scattered writes are memory-latency
+        bound, and torch's ``scatter_`` was as fast on every benchmark shape.)"""
+        w0 = self.neuroada_w0
+        acc = torch.promote_types(w0.dtype, torch.float32)
+        with torch.no_grad():
+            vals = (w0.to(acc) + self.neuroada_delta.detach().to(acc)).to(w0.dtype)
+            self._neuroada_write(vals)
         self._neuroada_dirty = True
 
     def _neuroada_restore(self) -> None:

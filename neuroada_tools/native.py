@@ -120,8 +120,6 @@ def _load() -> ctypes.CDLL | None:
             "neuroada_sddmm_bf16": ([ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr], None),
             "neuroada_sddmm_scratch": ([i64], i64),
             "neuroada_add_f32": ([ptr, ptr, i64], None),
-            "neuroada_refresh_f32": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
-            "neuroada_refresh_bf16": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
         }
         for name, (args, result) in signatures.items():
             fn = getattr(lib, name)

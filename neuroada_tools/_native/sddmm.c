@@ -183,29 +183,3 @@ void neuroada_add_f32(float *dst, const float *src, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) dst[i] += src[i];
 }
-
-/* The bypass's forward refresh: w[i*rs + idx[i,j]*cs] = cast(w0[i,j] + delta[i,j]) for the d_out*k
- * selected entries, fp32 arithmetic, as bypass._neuroada_refresh computes it with torch (bf16
- * rounding: round to nearest even, as torch's float->bfloat16 cast; a NaN becomes a quiet NaN). */
-void neuroada_refresh_f32(float *w, int64_t rs, int64_t cs, const int32_t *idx, const float *w0, const float *delta,
-                          int64_t d_out, int64_t k)
-{
-    for (int64_t i = 0; i < d_out; i++)
-        for (int64_t j = 0; j < k; j++) w[i * rs + (int64_t)idx[i * k + j] * cs] = w0[i * k + j] + delta[i * k + j];
-}
-
-static inline uint16_t f32_to_bf16(float f)
-{
-    union { float f; uint32_t u; } c;
-    c.f = f;
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((c.u + (((c.u >> 16) & 1u) + 0x7FFFu)) >> 16);
-}
-
-void neuroada_refresh_bf16(uint16_t *w, int64_t rs, int64_t cs, const int32_t *idx, const uint16_t *w0,
-                           const float *delta, int64_t d_out, int64_t k)
-{
-    for (int64_t i = 0; i < d_out; i++)
-        for (int64_t j = 0; j < k; j++)
-            w[i * rs + (int64_t)idx[i * k + j] * cs] = f32_to_bf16(bf16_to_f32(w0[i * k + j]) + delta[i * k + j]);
-}
