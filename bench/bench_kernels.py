@@ -1,0 +1,120 @@
+"""The compiled kernels on their own: build time, the SDDMM against the torch paths it replaces,
+and one layer with only frozen / NeuroAda / LoRA interleaved.
+
+    python bench/bench_kernels.py                        # about 3 minutes on 2 cores
+    GOMP_SPINCOUNT=300000 python bench/bench_kernels.py  # libgomp's default spin, for comparison
+
+1. Building ``_native/*.c`` into an empty cache folder (what a first use costs).
+2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py``: the compiled kernel on 1 and
+   2 threads, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
+   repetition runs a frozen layer's backward matmul (``g @ W``) first, as inside a backward pass,
+   so torch's OpenMP threads are in the state they are in there.
+3. One layer forward + backward with only frozen, NeuroAda and LoRA at matched parameters
+   interleaved (``bench_bypass.layer_methods``; the full table interleaves six methods).
+
+Medians of interleaved repetitions; milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from neuroada_tools import native  # noqa: E402
+
+native.shorten_openmp_spin()  # as the CLI does (an exported GOMP_SPINCOUNT wins)
+
+import torch  # noqa: E402
+
+from neuroada_tools import bypass  # noqa: E402
+from neuroada_tools.select import select  # noqa: E402
+
+SHAPES = [(4096, 4096, 512), (4096, 11008, 512), (1024, 1024, 2048)]  # d_in, d_out, T
+
+
+def median_ms(fns: dict, reps: int, before=None) -> dict[str, float]:
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for f in fns.values():
+        f()
+    for r in range(reps):
+        names = list(fns)
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            if before:
+                before()
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+
+
+def with_backend(backend: str, threads: int, g, x, idx):
+    def run():
+        old, bypass.SDDMM_BACKEND = bypass.SDDMM_BACKEND, backend
+        torch.set_num_threads(threads)
+        try:
+            bypass.sddmm(g, x, idx)
+        finally:
+            bypass.SDDMM_BACKEND = old
+            torch.set_num_threads(2)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--layer-reps", type=int, default=15, help="0 skips the one-layer part")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    print(f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, torch {torch.__version__}, 2 threads unless noted\n")
+
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["NEUROADA_CACHE_DIR"] = d
+        t = time.perf_counter()
+        lib = native._load()
+        print(f"build of _native/*.c into an empty cache: {time.perf_counter() - t:.2f} s\n")
+    if lib is None:
+        raise SystemExit("no C compiler: nothing to compare")
+    native._state["lib"] = lib
+
+    print("SDDMM alone, ms (median of interleaved repetitions, each after a `g @ W` as in a backward):\n")
+    print("| d_in→d_out | T | k | native, 2 threads | native, 1 thread | sampled_addmm | columns |")
+    print("|---|---|---|---|---|---|---|")
+    g0 = torch.Generator().manual_seed(0)
+    for d_in, d_out, T in SHAPES:
+        W = torch.randn(d_out, d_in, generator=g0) * d_in**-0.5
+        x = torch.randn(T, d_in, generator=g0)
+        g = torch.randn(T, d_out, generator=g0)
+        for k in (1, 20):
+            idx = select(W, k)
+            runs = (("native", 2), ("native", 1), ("sampled_addmm", 2), ("columns", 2))
+            sd = median_ms({f"{b}/{th}": with_backend(b, th, g, x, idx) for b, th in runs}, a.reps,
+                           before=lambda: g @ W)
+            v = list(sd.values())
+            print(f"| {d_in}→{d_out} | {T} | {k} | {v[0]:.2f} | {v[1]:.2f} | {v[2]:.2f} | {v[3]:.2f} |")
+
+    if a.layer_reps <= 0:
+        return
+    import bench_bypass
+
+    print("\nOne layer, forward + backward, only three methods interleaved "
+          f"({a.layer_reps} reps; median of per-repetition ratios to frozen):\n")
+    print("| d_in→d_out | T | k | frozen ms | NeuroAda | LoRA r=match |")
+    print("|---|---|---|---|---|---|")
+    for d_in, d_out, T in SHAPES:
+        for k in (1, 20):
+            methods, _, _, r = bench_bypass.layer_methods(d_in, d_out, T, k)
+            res = bench_bypass.interleaved({m: methods[m] for m in ("frozen", "neuroada", "lora_match")},
+                                           a.layer_reps, "frozen")
+            print(f"| {d_in}→{d_out} | {T} | {k} | {res['frozen'][0] * 1e3:.1f} | {res['neuroada'][1]:.3f} | "
+                  f"{res['lora_match'][1]:.3f} (r={r}) |")
+
+
+if __name__ == "__main__":
+    main()
