@@ -19,7 +19,7 @@ Two ways to compute it (``mode``):
   plain matmul with ``W' = W + S``. Backward (``_FusedBypass``): ``grad_x = g W'`` (what a frozen
   base computes anyway) and ``grad_delta = SDDMM(g^T, x)``: ``T * d_out * k`` multiply-adds in
   fp32 instead of the dense ``T * d_out * d_in`` of ``g^T x``. On CPU (fp32/bf16) the compiled
-  kernel ``_native/sddmm.c`` computes it; elsewhere
+  kernel ``_native/sddmm.c`` computes it (and ``_native/refresh.c`` the per-forward refresh); elsewhere
   ``torch.sparse.sampled_addmm`` on the CSR pattern ``crow = arange(d_out + 1) * k, col = idx``
   (for k <= 2, and where ``sampled_addmm`` is unavailable, a per-column gather-multiply-sum
   instead). Saved for backward:
@@ -82,7 +82,7 @@ _ROOT_STATE = "_neuroada_attach_state"
 # otherwise "columns" for k <= _COLUMNS_MAX_K or where sampled_addmm raised, else "sampled_addmm"),
 # or force "native" / "sampled_addmm" / "columns" (tests and benchmarks do)
 SDDMM_BACKEND = "auto"
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM takes
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
 _COLUMNS_MAX_K = 2
 _SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
 _L2_FLOATS = 1 << 18  # CPU SDDMM token block: d_in * block fp32 values of x^T (1 MiB) stay in L2 ...
@@ -157,7 +157,7 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
 
 
 
-_SCRATCH = threading.local()  # per-thread kernel scratch, reused across calls (no page faults)
+_SCRATCH = threading.local()  # per-calling-thread kernel buffers, reused across calls (no page faults)
 
 
 def _scratch(name: str, numel: int) -> torch.Tensor:
@@ -169,33 +169,22 @@ def _scratch(name: str, numel: int) -> torch.Tensor:
 
 
 def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The C kernel (``_native/sddmm.c``): tokens split over ``torch.get_num_threads()`` threads
-    (``native.parallel``); the first writes the result, each other one its own fp32 partial sums,
-    added at the end in a fixed order (deterministic for a given thread count)."""
+    """The C kernel (``_native/sddmm.c``): one call, which splits the tokens over
+    ``torch.get_num_threads()`` threads it starts itself; each thread sums into its own fp32
+    buffer, added at the end in a fixed order (deterministic for a given thread count). The
+    buffers are the calling thread's, reused across calls, so concurrent callers are safe."""
     d_out, k = idx.shape
     T, d_in = x.shape
-    fn = lib.neuroada_sddmm_f32 if x.dtype == torch.float32 else lib.neuroada_sddmm_bf16
     x = x if x.stride(1) == 1 else x.contiguous()
     g = g if g.stride(1) == 1 else g.contiguous()
     idx = idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
-    threads = max(1, min(torch.get_num_threads(), T // 64))
-    bounds = [T * i // threads // 64 * 64 for i in range(threads)] + [T]
+    threads = max(1, min(torch.get_num_threads(), T // 64, 64))
     out = torch.empty((d_out, k), dtype=torch.float32)
-    scratch = lib.neuroada_sddmm_scratch(d_in)
-    n = d_out * k
-    # partial sums of threads 1.. belong to the calling thread (safe if several threads call)
-    partials = _scratch("partial", (threads - 1) * n) if threads > 1 else out
-
-    def acc(part: int) -> int:
-        return out.data_ptr() if part == 0 else partials[(part - 1) * n :].data_ptr()
-
-    def work(part: int) -> None:
-        fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), idx.data_ptr(), d_out, d_in, k,
-           bounds[part], bounds[part + 1], acc(part), _scratch("blocks", scratch).data_ptr())
-
-    native.parallel(work, threads)
-    for part in range(1, threads):  # in C: a torch op here would leave libgomp threads spinning
-        lib.neuroada_add_f32(out.data_ptr(), acc(part), n)
+    partials = _scratch("partial", max(1, (threads - 1) * d_out * k))
+    scratch = _scratch("blocks", threads * lib.neuroada_sddmm_scratch(d_in))
+    lib.neuroada_sddmm(int(x.dtype == torch.bfloat16), g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0),
+                       idx.data_ptr(), d_out, d_in, k, T, threads, out.data_ptr(), partials.data_ptr(),
+                       scratch.data_ptr())
     return out
 
 
@@ -286,13 +275,26 @@ class _BypassMixin:
     def _neuroada_refresh(self) -> None:
         """Write ``cast(fp32(W0_sel) + delta)`` (fp64 for an fp64 base) at the selected positions.
 
-        (A compiled version was tried and dropped: the d_out*k scattered writes are memory-latency
-        bound, and torch's ``scatter_`` was as fast on every benchmark shape.)"""
-        w0 = self.neuroada_w0
-        acc = torch.promote_types(w0.dtype, torch.float32)
-        with torch.no_grad():
-            vals = (w0.to(acc) + self.neuroada_delta.detach().to(acc)).to(w0.dtype)
-            self._neuroada_write(vals)
+        On CPU with an fp32 or bf16 base the compiled kernel (``_native/refresh.c``) does it: one
+        pass over the d_out*k entries with the lines it writes prefetched a few rows ahead, no
+        temporaries, no OpenMP wake-up, the same bits as the torch expression below (2-3x faster
+        than ``scatter_`` at 1024x1024, where the refresh is ~0.5% of a layer's step)."""
+        w0, delta, w, idx = self.neuroada_w0, self.neuroada_delta, self.weight, self.neuroada_idx
+        native_ok = (
+            w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
+            and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
+        )
+        lib = native.kernel() if native_ok else None
+        if lib is not None:
+            logical = self._neuroada_logical(w)
+            fn = lib.neuroada_refresh_f32 if w.dtype == torch.float32 else lib.neuroada_refresh_bf16
+            fn(logical.data_ptr(), logical.stride(0), logical.stride(1), idx.data_ptr(),
+               w0.data_ptr(), delta.data_ptr(), idx.shape[0], idx.shape[1])
+            torch.autograd.graph.increment_version(w)  # as torch's own in-place write would
+        else:
+            acc = torch.promote_types(w0.dtype, torch.float32)
+            with torch.no_grad():
+                self._neuroada_write((w0.to(acc) + delta.detach().to(acc)).to(w0.dtype))
         self._neuroada_dirty = True
 
     def _neuroada_restore(self) -> None:

@@ -1,4 +1,5 @@
-"""The compiled kernels (``_native/*.c``: per-row selection, CPU SDDMM), built on first use, cached.
+"""The compiled kernels (``_native/*.c``: per-row selection, CPU SDDMM, the bypass refresh), built on
+first use, cached.
 
 The kernel is plain C with no Python or torch headers, so it compiles in well under a second with
 the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and is loaded with ``ctypes``. The
@@ -32,13 +33,13 @@ from pathlib import Path
 
 from neuroada_tools.errors import NeuroAdaError
 
-_SOURCES = [Path(__file__).with_name("_native") / name for name in ("select.c", "sddmm.c")]
-_FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing"]
+_SOURCES = [Path(__file__).with_name("_native") / name for name in ("select.c", "sddmm.c", "refresh.c")]
+_FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthread"]
 # -march=native: the kernels use AVX2/FMA (8x8 transposes, eight-way dots) where the CPU has them.
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]
-_ABI = 3
+_ABI = 4
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -116,10 +117,10 @@ def _load() -> ctypes.CDLL | None:
         signatures = {  # name: (argument types, result type); must match _native/*.c
             "neuroada_select_u16": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_select_u32": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
-            "neuroada_sddmm_f32": ([ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr], None),
-            "neuroada_sddmm_bf16": ([ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr], None),
+            "neuroada_sddmm": ([c_int, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_sddmm_scratch": ([i64], i64),
-            "neuroada_add_f32": ([ptr, ptr, i64], None),
+            "neuroada_refresh_f32": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
+            "neuroada_refresh_bf16": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
         }
         for name, (args, result) in signatures.items():
             fn = getattr(lib, name)
