@@ -3,6 +3,7 @@ and one layer with only frozen / NeuroAda / LoRA interleaved.
 
     python bench/bench_kernels.py                        # about 3 minutes on 2 cores
     GOMP_SPINCOUNT=300000 python bench/bench_kernels.py  # libgomp's default spin, for comparison
+    python bench/bench_kernels.py --shape 1024,1024,2048  # one layer shape only
 
 1. Building ``_native/*.c`` into an empty cache folder (what a first use costs).
 2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py``: the compiled kernel on 1 and
@@ -70,7 +71,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--layer-reps", type=int, default=15, help="0 skips the one-layer part")
+    ap.add_argument("--shape", action="append", metavar="D_IN,D_OUT,T",
+                    help="only this layer shape (repeatable); default: the three of bench_bypass.py")
     a = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in a.shape] if a.shape else SHAPES
     torch.set_num_threads(2)
     print(f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, torch {torch.__version__}, 2 threads unless noted\n")
 
@@ -87,7 +91,7 @@ def main() -> None:
     print("| d_in→d_out | T | k | native, 2 threads | native, 1 thread | sampled_addmm | columns |")
     print("|---|---|---|---|---|---|---|")
     g0 = torch.Generator().manual_seed(0)
-    for d_in, d_out, T in SHAPES:
+    for d_in, d_out, T in shapes:
         W = torch.randn(d_out, d_in, generator=g0) * d_in**-0.5
         x = torch.randn(T, d_in, generator=g0)
         g = torch.randn(T, d_out, generator=g0)
@@ -107,7 +111,7 @@ def main() -> None:
           f"({a.layer_reps} reps; median of per-repetition ratios to frozen):\n")
     print("| d_in→d_out | T | k | frozen ms | NeuroAda | LoRA r=match |")
     print("|---|---|---|---|---|---|")
-    for d_in, d_out, T in SHAPES:
+    for d_in, d_out, T in shapes:
         for k in (1, 20):
             methods, _, _, r = bench_bypass.layer_methods(d_in, d_out, T, k)
             res = bench_bypass.interleaved({m: methods[m] for m in ("frozen", "neuroada", "lora_match")},
