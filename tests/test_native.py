@@ -196,6 +196,25 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, monkeypatch):
                        results[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_native_sddmm_thread_split(threads, monkeypatch):
+    """The kernel's own thread split (clamped to T // 64 threads): every thread count gives the
+    dense gradient, and the same thread count gives the same bits twice."""
+    lib = native.kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g0 = torch.Generator().manual_seed(threads)
+    for T in (1, 63, 64, 130, 700):
+        g = torch.randn(T, 24, generator=g0)
+        x = torch.randn(T, 90, generator=g0)
+        idx = torch.rand(24, 90, generator=g0).topk(13, dim=1).indices.sort(dim=1).values.to(torch.int32)
+        want = (g.double().t() @ x.double()).gather(1, idx.long()).float()
+        first = bypass._sddmm_native(lib, g, x, idx)
+        torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(bypass._sddmm_native(lib, g, x, idx), first)
+
+
 def test_native_sddmm_from_several_threads_at_once():
     """Two callers at once (two models trained in two threads) get their own partial sums."""
     import threading
