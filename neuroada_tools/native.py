@@ -11,9 +11,11 @@ None and ``select.py`` uses its pure-torch path, which gives the same indices, o
 ``NEUROADA_NATIVE=0`` disables the kernel; ``NEUROADA_NATIVE=1`` makes a failed build an error
 instead of a silent fallback (CI sets it, so the fast path is what the tests check).
 
-Also here, shared by every caller of the kernels: ``parallel`` (run a kernel's parts on the
-calling thread and a shared pool) and ``shorten_openmp_spin`` (the ``GOMP_SPINCOUNT`` default
-the CLI and the benchmarks set before importing torch). This module never imports torch.
+Also here: ``parallel`` (run a kernel's parts on the calling thread and a shared Python pool;
+the selection uses it, one call per tensor, where the pool's ~0.3 ms start-up does not matter;
+the SDDMM, called per layer and step, starts its threads in C instead) and ``shorten_openmp_spin``
+(the ``GOMP_SPINCOUNT`` default the CLI and the benchmarks set before importing torch). This
+module never imports torch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from neuroada_tools.errors import NeuroAdaError
 
 _SOURCES = [Path(__file__).with_name("_native") / name for name in ("select.c", "sddmm.c", "refresh.c")]
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthread"]
-# -march=native: the kernels use AVX2/FMA (8x8 transposes, eight-way dots) where the CPU has them.
+# -march=native: the kernels use AVX2/FMA (8x8 transposes) and AVX-512 or AVX2 dots where the CPU has them.
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]

@@ -12,9 +12,9 @@
  * widened on the way); then each row gT[i] is dotted with the k rows xT[idx[i, j]]: with AVX2
  * (8 lanes) or AVX-512 (16 lanes), eight dots at a time on independent FMA chains (then four, two,
  * one for the rest of the row, so k = 1 costs one dot, not eight) and one horizontal-add tree per
- * group; without, 16-lane partial sums the compiler vectorises. The transposes go 64 source
- * columns at a time so that their lines stay in L1 (1.5x faster at d_in = 1024). Nothing of size
- * T x d_out or d_out x d_in is ever formed.
+ * group; without, 16-lane partial sums the compiler vectorises. While a block's dots run, the
+ * next block's rows of x and g are prefetched (rows are often exactly a 4 KiB page apart, where
+ * the hardware prefetcher stops). Nothing of size T x d_out or d_out x d_in is ever formed.
  *
  * Worked example (T = 1, d_out = 2, d_in = 3, k = 1): g = [[1, 2]], x = [[3, 4, 5]],
  * idx = [[2], [0]] -> out = [[1 * 5], [2 * 3]] = [[5], [6]].
@@ -24,9 +24,7 @@
 #include <string.h>
 
 #define TB_MAX 64  /* tokens per block, at most */
-#define ROWS 256
-
-
+#define ROWS 256   /* output rows whose gT block is made at once */
 
 
 static inline float bf16_to_f32(uint16_t v)
