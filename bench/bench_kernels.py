@@ -10,7 +10,8 @@ and one layer with only frozen / NeuroAda / LoRA interleaved.
    2 threads, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
    repetition runs a frozen layer's backward matmul (``g @ W``) first, as inside a backward pass,
    so torch's OpenMP threads are in the state they are in there.
-3. One layer forward + backward with only frozen, NeuroAda and LoRA at matched parameters
+3. The per-forward refresh alone: ``_native/refresh.c`` against torch's ``scatter_``.
+4. One layer forward + backward with only frozen, NeuroAda and LoRA at matched parameters
    interleaved (``bench_bypass.layer_methods``; the full table interleaves six methods).
 
 Medians of interleaved repetitions; milliseconds.
@@ -102,6 +103,26 @@ def main() -> None:
                            before=lambda: g @ W)
             v = list(sd.values())
             print(f"| {d_in}→{d_out} | {T} | {k} | {v[0]:.2f} | {v[1]:.2f} | {v[2]:.2f} | {v[3]:.2f} |")
+
+    print("\nRefresh alone (W0_sel + delta written at the selected entries), microseconds, each repetition "
+          "after a `g @ W'` with another weight W' (the refreshed weight out of the near caches, as in a step):\n")
+    print("| d_in→d_out | k | compiled (refresh.c) | torch scatter_ |")
+    print("|---|---|---|---|")
+    for d_in, d_out, T in shapes:
+        W = torch.randn(d_out, d_in, generator=g0)
+        other = torch.randn(d_out, d_in, generator=g0)
+        g = torch.randn(T, d_out, generator=g0)
+        for k in (1, 20):
+            idx = select(W, k)
+            w0 = W.gather(1, idx.long())
+            delta = torch.randn(d_out, k, generator=g0) * 1e-3
+            fns = {
+                "compiled": lambda: lib.neuroada_refresh_f32(W.data_ptr(), W.stride(0), W.stride(1), idx.data_ptr(),
+                                                             w0.data_ptr(), delta.data_ptr(), d_out, k),
+                "torch": lambda: W.scatter_(1, idx, w0 + delta),  # the torch path of bypass._neuroada_refresh
+            }
+            rf = median_ms(fns, a.reps * 3, before=lambda: g @ other)
+            print(f"| {d_in}→{d_out} | {k} | {rf['compiled'] * 1e3:.0f} | {rf['torch'] * 1e3:.0f} |")
 
     if a.layer_reps <= 0:
         return

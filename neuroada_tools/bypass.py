@@ -83,6 +83,7 @@ _ROOT_STATE = "_neuroada_attach_state"
 # or force "native" / "sampled_addmm" / "columns" (tests and benchmarks do)
 SDDMM_BACKEND = "auto"
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
+_NATIVE_REFRESH_MAX = 1 << 16  # entries up to which the compiled refresh beats torch's scatter_
 _COLUMNS_MAX_K = 2
 _SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
 _L2_FLOATS = 1 << 18  # CPU SDDMM token block: d_in * block fp32 values of x^T (1 MiB) stay in L2 ...
@@ -275,14 +276,16 @@ class _BypassMixin:
     def _neuroada_refresh(self) -> None:
         """Write ``cast(fp32(W0_sel) + delta)`` (fp64 for an fp64 base) at the selected positions.
 
-        On CPU with an fp32 or bf16 base the compiled kernel (``_native/refresh.c``) does it: one
-        pass over the d_out*k entries with the lines it writes prefetched a few rows ahead, no
-        temporaries, no OpenMP wake-up, the same bits as the torch expression below (2-3x faster
-        than ``scatter_`` at 1024x1024, where the refresh is ~0.5% of a layer's step)."""
+        On CPU with an fp32 or bf16 base and at most ``_NATIVE_REFRESH_MAX`` entries, the compiled
+        kernel (``_native/refresh.c``) does it: one pass over the d_out*k entries with the lines it
+        writes prefetched a few rows ahead, no temporaries, no OpenMP wake-up, the same bits as the
+        torch expression below. ``python bench/bench_kernels.py``: ~2x faster than ``scatter_`` at
+        1024x1024 (k=1 and 20) and 4096x11008 k=1; no faster at 4096x4096 k=20 (81920 entries) and
+        slower at 4096x11008 k=20 (220160), where torch's two threads win: those take torch."""
         w0, delta, w, idx = self.neuroada_w0, self.neuroada_delta, self.weight, self.neuroada_idx
         native_ok = (
             w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
-            and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
+            and idx.numel() <= _NATIVE_REFRESH_MAX and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
         )
         lib = native.kernel() if native_ok else None
         if lib is not None:
