@@ -271,3 +271,34 @@ def test_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
     lib = native._load()
     assert lib is not None and lib.neuroada_abi_version() == native._ABI
     assert cached.stat().st_size > 1000
+
+
+def test_native_sddmm_in_a_forked_child():
+    """The kernel's worker threads don't survive fork(): a child process (a data-loader worker, a
+    multiprocessing pool) that calls the SDDMM after the parent did must not hang, and must be right."""
+    import multiprocessing
+
+    lib = native.kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    g0 = torch.Generator().manual_seed(5)
+    g = torch.randn(512, 32, generator=g0)
+    x = torch.randn(512, 48, generator=g0)
+    idx = torch.rand(32, 48, generator=g0).topk(7, dim=1).indices.sort(dim=1).values.to(torch.int32)
+    want = (g.double().t() @ x.double()).gather(1, idx.long()).float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.testing.assert_close(bypass._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)  # pool up
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_sddmm_in_child, (g, x, idx)).get(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _sddmm_in_child(g, x, idx):
+    torch.set_num_threads(2)
+    return bypass._sddmm_native(native.kernel(), g, x, idx)
