@@ -259,7 +259,8 @@ class _BypassMixin:
     neuroada_name: str
     neuroada_mode: str
     neuroada_layout: str
-    _neuroada_dirty: bool
+    _neuroada_dirty: bool  # W holds W0_sel + delta at the selected positions (else the base)
+    _neuroada_written: tuple[torch.Tensor, int, int] | None  # last refresh: delta bits, W's data_ptr, W's version
     _neuroada_base_cls: type
 
     def _neuroada_shape(self) -> tuple[int, int]:
@@ -281,8 +282,21 @@ class _BypassMixin:
         writes prefetched a few rows ahead, no temporaries, no OpenMP wake-up, the same bits as the
         torch expression below. ``python bench/bench_kernels.py``: ~2x faster than ``scatter_`` at
         1024x1024 (k=1 and 20) and 4096x11008 k=1; no faster at 4096x4096 k=20 (81920 entries) and
-        slower at 4096x11008 k=20 (220160), where torch's two threads win: those take torch."""
+        slower at 4096x11008 k=20 (220160), where torch's two threads win: those take torch.
+
+        On CPU the refresh is skipped when ``W`` already holds the values for the delta as it is
+        now: same weight storage, no in-place write to it since (its version counter), and the
+        delta's bits equal those last written (compared, not tracked by version: fused optimizers
+        and ``.data`` writes don't bump versions). So gradient-accumulation micro-batches,
+        gradient-checkpointing recomputes and evaluation passes pay one refresh per optimizer
+        step, at the cost of a 4-byte copy per delta entry and a compare (~5% of a refresh)."""
         w0, delta, w, idx = self.neuroada_w0, self.neuroada_delta, self.weight, self.neuroada_idx
+        written = self._neuroada_written
+        if (
+            written is not None and self._neuroada_dirty and written[1] == w.data_ptr()
+            and written[2] == w._version and torch.equal(written[0], delta.detach().view(torch.int32))
+        ):
+            return
         native_ok = (
             w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
             and idx.numel() <= _NATIVE_REFRESH_MAX and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
@@ -299,9 +313,16 @@ class _BypassMixin:
             with torch.no_grad():
                 self._neuroada_write((w0.to(acc) + delta.detach().to(acc)).to(w0.dtype))
         self._neuroada_dirty = True
+        if w.device.type == "cpu" and delta.dtype == torch.float32 and delta.is_contiguous():
+            bits = delta.detach().view(torch.int32)
+            keep = written[0] if written is not None and written[0].shape == bits.shape else torch.empty_like(bits)
+            self._neuroada_written = (keep.copy_(bits), w.data_ptr(), w._version)
+        else:
+            self._neuroada_written = None
 
     def _neuroada_restore(self) -> None:
         """Write the base values back; the weight is then the base bit for bit."""
+        self._neuroada_written = None
         if self._neuroada_dirty:
             self._neuroada_write(self.neuroada_w0)
             self._neuroada_dirty = False
@@ -343,6 +364,7 @@ class _BypassMixin:
         """Like ``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ``share_memory`` ...), except that
         the delta and its grad follow device moves but never a dtype change: they stay fp32."""
         delta = self._parameters.pop(DELTA_ATTR)
+        self._neuroada_written = None  # a new weight tensor (device, dtype): refresh it next forward
         try:
             out = super()._apply(fn, recurse)  # type: ignore[misc]
         finally:
@@ -549,6 +571,7 @@ def _install(module: nn.Module, name: str, idx: torch.Tensor, mode: str, init: t
     module.neuroada_mode = mode
     module.neuroada_layout = layout
     module._neuroada_dirty = False
+    module._neuroada_written = None
     module._neuroada_base_cls = base_cls
     return delta
 
@@ -562,7 +585,7 @@ def _remove(module: nn.Module, *, keep_merged: bool) -> None:
     for b in ("neuroada_idx", "neuroada_crow", "neuroada_w0"):
         del module._buffers[b]
     base_cls = module._neuroada_base_cls
-    for a in ("neuroada_name", "neuroada_mode", "neuroada_layout", "_neuroada_dirty", "_neuroada_base_cls"):
+    for a in ("neuroada_name", "neuroada_mode", "neuroada_layout", "_neuroada_dirty", "_neuroada_written", "_neuroada_base_cls"):
         module.__dict__.pop(a, None)
     module.__class__ = base_cls
 

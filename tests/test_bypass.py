@@ -236,6 +236,52 @@ def test_to_dtype_keeps_deltas_fp32():
     assert torch.equal(model[0].weight.view(torch.int16), base_bf16.view(torch.int16))
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_refresh_skipped_only_while_weight_and_delta_are_unchanged(kind):
+    """A forward with the delta unchanged since the last one writes nothing into W; every way the
+    delta or W can change (fused optimizer step, ``.data`` write, in-place write to W, a dtype
+    move) makes the next forward write again, so outputs always equal the reference formulation."""
+    torch.manual_seed(12)
+    model = nn.Sequential(_layer(kind, 10, 7, bias=True))
+    (delta,) = attach(model, make_index(model, 3)).values()
+    layer, x = model[0], torch.randn(4, 10)
+
+    def agrees() -> bool:
+        fused = model(x)
+        set_mode(model, "reference")
+        ref = model(x)
+        set_mode(model, "fused")
+        return rel_err(fused, ref) <= 1e-6
+
+    model(x)
+    v = layer.weight._version
+    model(x)
+    model(x).sum().backward()
+    assert layer.weight._version == v  # nothing written: the delta did not change
+
+    torch.optim.AdamW([delta], lr=0.1, fused=True).step()  # fused: does not bump delta._version
+    assert agrees()
+    with torch.no_grad():
+        delta.data[1, 2] = 0.25  # no version bump either
+    assert agrees()
+    model(x)
+    assert float(layer._neuroada_logical(layer.weight)[1, layer.neuroada_idx[1, 2]]) == pytest.approx(
+        float(layer.neuroada_w0[1, 2]) + 0.25)
+    with torch.no_grad():
+        layer._neuroada_logical(layer.weight).fill_(3.0)  # an in-place write to W (version bump)
+    model(x)
+    w = layer._neuroada_logical(layer.weight)
+    assert torch.equal(w.gather(1, layer.neuroada_idx.long()), layer.neuroada_w0 + delta.detach())
+    with torch.no_grad():
+        delta.data[0, 0] = -0.0
+    model(x)
+    bits = w.gather(1, layer.neuroada_idx.long())[0, 0].view(torch.int32)
+    assert bits == (layer.neuroada_w0[0, 0] + torch.tensor(-0.0)).view(torch.int32)  # bits compared, not values
+    model.to(torch.float64)
+    x = x.double()
+    assert agrees()
+
+
 def test_optimizer_step_between_forward_and_backward_is_refused():
     model = nn.Sequential(nn.Linear(8, 6))
     (delta,) = attach(model, make_index(model, 2)).values()
