@@ -6,8 +6,9 @@ and one layer with only frozen / NeuroAda / LoRA interleaved.
     python bench/bench_kernels.py --shape 1024,1024,2048  # one layer shape only
 
 1. Building ``_native/*.c`` into an empty cache folder (what a first use costs).
-2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py``: the compiled kernel on 1 and
-   2 threads, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
+2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py`` (and any ``--shape``): the
+   compiled kernel on 2 threads (its sleeping worker pool, and threads started per call as before
+   the pool) and 1 thread, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
    repetition runs a frozen layer's backward matmul (``g @ W``) first, as inside a backward pass,
    so torch's OpenMP threads are in the state they are in there.
 3. The per-forward refresh alone: ``_native/refresh.c`` against torch's ``scatter_``.
@@ -56,15 +57,18 @@ def median_ms(fns: dict, reps: int, before=None) -> dict[str, float]:
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
-def with_backend(backend: str, threads: int, g, x, idx):
+def with_backend(backend: str, threads: int, g, x, idx, pool: bool = True):
     def run():
         old, bypass.SDDMM_BACKEND = bypass.SDDMM_BACKEND, backend
         torch.set_num_threads(threads)
+        if not pool:
+            native._state["lib"].neuroada_sddmm_use_pool(0)
         try:
             bypass.sddmm(g, x, idx)
         finally:
             bypass.SDDMM_BACKEND = old
             torch.set_num_threads(2)
+            native._state["lib"].neuroada_sddmm_use_pool(1)
     return run
 
 
@@ -89,8 +93,9 @@ def main() -> None:
     native._state["lib"] = lib
 
     print("SDDMM alone, ms (median of interleaved repetitions, each after a `g @ W` as in a backward):\n")
-    print("| d_in→d_out | T | k | native, 2 threads | native, 1 thread | sampled_addmm | columns |")
-    print("|---|---|---|---|---|---|---|")
+    print("| d_in→d_out | T | k | native, 2 threads | native, 2 threads started per call | native, 1 thread "
+          "| sampled_addmm | columns |")
+    print("|---|---|---|---|---|---|---|---|")
     g0 = torch.Generator().manual_seed(0)
     for d_in, d_out, T in shapes:
         W = torch.randn(d_out, d_in, generator=g0) * d_in**-0.5
@@ -98,11 +103,12 @@ def main() -> None:
         g = torch.randn(T, d_out, generator=g0)
         for k in (1, 20):
             idx = select(W, k)
-            runs = (("native", 2), ("native", 1), ("sampled_addmm", 2), ("columns", 2))
-            sd = median_ms({f"{b}/{th}": with_backend(b, th, g, x, idx) for b, th in runs}, a.reps,
+            runs = (("native", 2, True), ("native", 2, False), ("native", 1, True), ("sampled_addmm", 2, True),
+                    ("columns", 2, True))
+            sd = median_ms({f"{b}/{th}/{p}": with_backend(b, th, g, x, idx, p) for b, th, p in runs}, a.reps,
                            before=lambda: g @ W)
-            v = list(sd.values())
-            print(f"| {d_in}→{d_out} | {T} | {k} | {v[0]:.2f} | {v[1]:.2f} | {v[2]:.2f} | {v[3]:.2f} |")
+            v = " | ".join(f"{t:.2f}" for t in sd.values())
+            print(f"| {d_in}→{d_out} | {T} | {k} | {v} |")
 
     print("\nRefresh alone (W0_sel + delta written at the selected entries), microseconds, each repetition "
           "after a `g @ W'` with another weight W' (the refreshed weight out of the near caches, as in a step):\n")

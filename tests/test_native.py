@@ -196,14 +196,24 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, monkeypatch):
                        results[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
+@pytest.mark.parametrize("pool", [True, False], ids=["pool", "threads-per-call"])
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_native_sddmm_thread_split(threads, monkeypatch):
-    """The kernel's own thread split (clamped to T // 64 threads): every thread count gives the
-    dense gradient, and the same thread count gives the same bits twice."""
+def test_native_sddmm_thread_split(threads, pool, monkeypatch):
+    """The kernel's own thread split (clamped to T // 64 threads), on its worker pool and on threads
+    started per call (what a second concurrent caller gets): every thread count gives the dense
+    gradient, and the same thread count gives the same bits twice."""
     lib = native.kernel()
     if lib is None:
         pytest.skip("kernel unavailable")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    lib.neuroada_sddmm_use_pool(int(pool))
+    try:
+        _check_thread_split(lib, threads)
+    finally:
+        lib.neuroada_sddmm_use_pool(1)
+
+
+def _check_thread_split(lib, threads: int) -> None:
     g0 = torch.Generator().manual_seed(threads)
     for T in (1, 63, 64, 130, 700):
         g = torch.randn(T, 24, generator=g0)
@@ -213,6 +223,23 @@ def test_native_sddmm_thread_split(threads, monkeypatch):
         first = bypass._sddmm_native(lib, g, x, idx)
         torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(bypass._sddmm_native(lib, g, x, idx), first)
+
+
+def test_native_sddmm_pool_and_threads_per_call_give_the_same_bits(monkeypatch):
+    lib = native.kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g0 = torch.Generator().manual_seed(21)
+    g, x = torch.randn(400, 30, generator=g0), torch.randn(400, 50, generator=g0)
+    idx = torch.rand(30, 50, generator=g0).topk(6, dim=1).indices.sort(dim=1).values.to(torch.int32)
+    on = bypass._sddmm_native(lib, g, x, idx)
+    lib.neuroada_sddmm_use_pool(0)
+    try:
+        off = bypass._sddmm_native(lib, g, x, idx)
+    finally:
+        lib.neuroada_sddmm_use_pool(1)
+    assert torch.equal(on, off)
 
 
 def test_native_sddmm_from_several_threads_at_once():

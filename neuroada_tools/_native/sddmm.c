@@ -308,6 +308,11 @@ static void *pool_worker(void *arg)
     return NULL;
 }
 
+static int pool_enabled = 1;
+/* 0 turns the pool off (threads started per call, as before it existed): for bench_kernels.py's
+ * side-by-side comparison only. */
+void neuroada_sddmm_use_pool(int on) { pool_enabled = on != 0; }
+
 /* Runs parts[1..n) on the pool and parts[0] here; 0 if the pool could not take them. */
 static int pool_run(const sddmm_part *parts, int n)
 {
@@ -370,7 +375,7 @@ void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t
     }
     if (threads == 1) {
         sddmm_part_run(&parts[0]);
-    } else if (!pool_run(parts, threads)) {
+    } else if (!pool_enabled || !pool_run(parts, threads)) {
         pthread_t tids[MAX_THREADS];
         int started[MAX_THREADS] = {0};
         for (int p = 1; p < threads; p++) started[p] = pthread_create(&tids[p], NULL, sddmm_part_run, &parts[p]) == 0;
