@@ -112,8 +112,8 @@ def main() -> None:
 
     print("\nRefresh alone (W0_sel + delta written at the selected entries), microseconds, each repetition "
           "after a `g @ W'` with another weight W' (the refreshed weight out of the near caches, as in a step):\n")
-    print("| d_in→d_out | k | compiled (refresh.c) | torch scatter_ |")
-    print("|---|---|---|---|")
+    print("| d_in→d_out | k | compiled (refresh.c) | torch scatter_ | unchanged-delta check + copy |")
+    print("|---|---|---|---|---|")
     for d_in, d_out, T in shapes:
         W = torch.randn(d_out, d_in, generator=g0)
         other = torch.randn(d_out, d_in, generator=g0)
@@ -126,9 +126,14 @@ def main() -> None:
                 "compiled": lambda: lib.neuroada_refresh_f32(W.data_ptr(), W.stride(0), W.stride(1), idx.data_ptr(),
                                                              w0.data_ptr(), delta.data_ptr(), d_out, k),
                 "torch": lambda: W.scatter_(1, idx, w0 + delta),  # the torch path of bypass._neuroada_refresh
+                # what every refresh adds to decide whether it can be skipped (bypass._neuroada_refresh):
+                # compare the delta's bits with those last written, keep a copy
+                "check": lambda: lib.neuroada_keep_if_changed(kept.data_ptr(), delta.data_ptr(), delta.numel() * 4),
             }
+            kept = delta.clone()  # unchanged: the whole compare runs (a changed delta stops at its first entry)
             rf = median_ms(fns, a.reps * 3, before=lambda: g @ other)
-            print(f"| {d_in}→{d_out} | {k} | {rf['compiled'] * 1e3:.0f} | {rf['torch'] * 1e3:.0f} |")
+            print(f"| {d_in}→{d_out} | {k} | {rf['compiled'] * 1e3:.0f} | {rf['torch'] * 1e3:.0f} | "
+                  f"{rf['check'] * 1e3:.0f} |")
 
     if a.layer_reps <= 0:
         return

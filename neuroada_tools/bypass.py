@@ -85,6 +85,10 @@ SDDMM_BACKEND = "auto"
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
 _NATIVE_REFRESH_MAX = 1 << 16  # entries up to which the compiled refresh beats torch's scatter_
 _COLUMNS_MAX_K = 2
+# CPU SDDMM: at least this many tokens per thread. `python bench/bench_kernels.py --shape
+# 384,384,256 --shape 384,1536,256`: at T=256 one thread beat two (waking a second core costs
+# more than half of such a call); at T=512 two threads win at every shape measured.
+_TOKENS_PER_THREAD = 256
 _SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
 _L2_FLOATS = 1 << 18  # CPU SDDMM token block: d_in * block fp32 values of x^T (1 MiB) stay in L2 ...
 _L3_FLOATS = 1 << 22  # ... used when the whole x^T (T * d_in fp32) is over 16 MiB
@@ -179,7 +183,7 @@ def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> t
     x = x if x.stride(1) == 1 else x.contiguous()
     g = g if g.stride(1) == 1 else g.contiguous()
     idx = idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
-    threads = max(1, min(torch.get_num_threads(), T // 64, 64))
+    threads = max(1, min(torch.get_num_threads(), T // _TOKENS_PER_THREAD, 64))
     out = torch.empty((d_out, k), dtype=torch.float32)
     partials = _scratch("partial", max(1, (threads - 1) * d_out * k))
     scratch = _scratch("blocks", threads * lib.neuroada_sddmm_scratch(d_in))
@@ -260,7 +264,7 @@ class _BypassMixin:
     neuroada_mode: str
     neuroada_layout: str
     _neuroada_dirty: bool  # W holds W0_sel + delta at the selected positions (else the base)
-    _neuroada_written: tuple[torch.Tensor, int, int] | None  # last refresh: delta bits, W's data_ptr, W's version
+    _neuroada_written: tuple[torch.Tensor, int, int] | None  # last refresh: delta copy, W's data_ptr, W's version
     _neuroada_base_cls: type
 
     def _neuroada_shape(self) -> tuple[int, int]:
@@ -284,19 +288,28 @@ class _BypassMixin:
         1024x1024 (k=1 and 20) and 4096x11008 k=1; no faster at 4096x4096 k=20 (81920 entries) and
         slower at 4096x11008 k=20 (220160), where torch's two threads win: those take torch.
 
-        On CPU the refresh is skipped when ``W`` already holds the values for the delta as it is
-        now: same weight storage, no in-place write to it since (its version counter), and the
-        delta's bits equal those last written (compared, not tracked by version: fused optimizers
-        and ``.data`` writes don't bump versions). So gradient-accumulation micro-batches,
-        gradient-checkpointing recomputes and evaluation passes pay one refresh per optimizer
-        step, at the cost of a 4-byte copy per delta entry and a compare (~5% of a refresh)."""
+        On CPU with the compiled kernels, the refresh is skipped when ``W`` already holds the
+        values for the delta as it is now: same weight storage, no in-place write to it since (its
+        version counter), and the delta's bits equal those last written (a ``memcmp`` against a
+        kept copy, not the delta's version: fused optimizers and ``.data`` writes don't bump
+        versions). So gradient-accumulation micro-batches, gradient-checkpointing recomputes and
+        evaluation passes pay one refresh per optimizer step, at the cost of 4 bytes per delta
+        entry and a compare on every forward (the last column of ``bench_kernels.py``'s refresh
+        table)."""
         w0, delta, w, idx = self.neuroada_w0, self.neuroada_delta, self.weight, self.neuroada_idx
-        written = self._neuroada_written
-        if (
-            written is not None and self._neuroada_dirty and written[1] == w.data_ptr()
-            and written[2] == w._version and torch.equal(written[0], delta.detach().view(torch.int32))
-        ):
-            return
+        written, self._neuroada_written = self._neuroada_written, None
+        kept = None
+        if w.device.type == "cpu" and delta.dtype == torch.float32 and delta.is_contiguous():
+            lib = native.kernel()
+            if lib is not None:
+                if written is not None and written[0].numel() == delta.numel():
+                    kept = written[0]
+                    changed = lib.neuroada_keep_if_changed(kept.data_ptr(), delta.data_ptr(), delta.numel() * 4)
+                    if not changed and self._neuroada_dirty and written[1] == w.data_ptr() and written[2] == w._version:
+                        self._neuroada_written = written
+                        return
+                else:
+                    kept = delta.detach().clone()
         native_ok = (
             w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
             and idx.numel() <= _NATIVE_REFRESH_MAX and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
@@ -313,12 +326,8 @@ class _BypassMixin:
             with torch.no_grad():
                 self._neuroada_write((w0.to(acc) + delta.detach().to(acc)).to(w0.dtype))
         self._neuroada_dirty = True
-        if w.device.type == "cpu" and delta.dtype == torch.float32 and delta.is_contiguous():
-            bits = delta.detach().view(torch.int32)
-            keep = written[0] if written is not None and written[0].shape == bits.shape else torch.empty_like(bits)
-            self._neuroada_written = (keep.copy_(bits), w.data_ptr(), w._version)
-        else:
-            self._neuroada_written = None
+        if kept is not None:
+            self._neuroada_written = (kept, w.data_ptr(), w._version)
 
     def _neuroada_restore(self) -> None:
         """Write the base values back; the weight is then the base bit for bit."""

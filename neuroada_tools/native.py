@@ -41,7 +41,7 @@ _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthre
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]
-_ABI = 5
+_ABI = 6
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -124,6 +124,7 @@ def _load() -> ctypes.CDLL | None:
             "neuroada_sddmm_use_pool": ([c_int], None),
             "neuroada_refresh_f32": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
             "neuroada_refresh_bf16": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
+            "neuroada_keep_if_changed": ([ptr, ptr, i64], c_int),
         }
         for name, (args, result) in signatures.items():
             fn = getattr(lib, name)

