@@ -7,8 +7,8 @@ and one layer with only frozen / NeuroAda / LoRA interleaved.
 
 1. Building ``_native/*.c`` into an empty cache folder (what a first use costs).
 2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py`` (and any ``--shape``): the
-   compiled kernel on 2 threads (its sleeping worker pool, and threads started per call as before
-   the pool) and 1 thread, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
+   compiled kernel on 2 threads (started per call, the default, and on its optional sleeping
+   worker pool) and 1 thread, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
    repetition runs a frozen layer's backward matmul (``g @ W``) first, as inside a backward pass,
    so torch's OpenMP threads are in the state they are in there.
 3. The per-forward refresh alone: ``_native/refresh.c`` against torch's ``scatter_``.
@@ -61,14 +61,13 @@ def with_backend(backend: str, threads: int, g, x, idx, pool: bool = True):
     def run():
         old, bypass.SDDMM_BACKEND = bypass.SDDMM_BACKEND, backend
         torch.set_num_threads(threads)
-        if not pool:
-            native._state["lib"].neuroada_sddmm_use_pool(0)
+        native._state["lib"].neuroada_sddmm_use_pool(int(pool))
         try:
             bypass.sddmm(g, x, idx)
         finally:
             bypass.SDDMM_BACKEND = old
             torch.set_num_threads(2)
-            native._state["lib"].neuroada_sddmm_use_pool(1)
+            native._state["lib"].neuroada_sddmm_use_pool(0)
     return run
 
 
@@ -93,7 +92,7 @@ def main() -> None:
     native._state["lib"] = lib
 
     print("SDDMM alone, ms (median of interleaved repetitions, each after a `g @ W` as in a backward):\n")
-    print("| d_in→d_out | T | k | native, 2 threads | native, 2 threads started per call | native, 1 thread "
+    print("| d_in→d_out | T | k | native, 2 threads | native, 2 threads on the optional pool | native, 1 thread "
           "| sampled_addmm | columns |")
     print("|---|---|---|---|---|---|---|---|")
     g0 = torch.Generator().manual_seed(0)
@@ -103,8 +102,8 @@ def main() -> None:
         g = torch.randn(T, d_out, generator=g0)
         for k in (1, 20):
             idx = select(W, k)
-            runs = (("native", 2, True), ("native", 2, False), ("native", 1, True), ("sampled_addmm", 2, True),
-                    ("columns", 2, True))
+            runs = (("native", 2, False), ("native", 2, True), ("native", 1, False), ("sampled_addmm", 2, False),
+                    ("columns", 2, False))
             sd = median_ms({f"{b}/{th}/{p}": with_backend(b, th, g, x, idx, p) for b, th, p in runs}, a.reps,
                            before=lambda: g @ W)
             v = " | ".join(f"{t:.2f}" for t in sd.values())

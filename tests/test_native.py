@@ -211,7 +211,7 @@ def test_native_sddmm_thread_split(threads, pool, monkeypatch):
     try:
         _check_thread_split(lib, threads)
     finally:
-        lib.neuroada_sddmm_use_pool(1)
+        lib.neuroada_sddmm_use_pool(0)
 
 
 def _check_thread_split(lib, threads: int) -> None:
@@ -235,18 +235,17 @@ def test_native_sddmm_pool_and_threads_per_call_give_the_same_bits(monkeypatch):
     g0 = torch.Generator().manual_seed(21)
     g, x = torch.randn(400, 30, generator=g0), torch.randn(400, 50, generator=g0)
     idx = torch.rand(30, 50, generator=g0).topk(6, dim=1).indices.sort(dim=1).values.to(torch.int32)
-    on = bypass._sddmm_native(lib, g, x, idx)
-    lib.neuroada_sddmm_use_pool(0)
+    off = bypass._sddmm_native(lib, g, x, idx)
+    lib.neuroada_sddmm_use_pool(1)
     try:
-        off = bypass._sddmm_native(lib, g, x, idx)
+        on = bypass._sddmm_native(lib, g, x, idx)
     finally:
-        lib.neuroada_sddmm_use_pool(1)
+        lib.neuroada_sddmm_use_pool(0)
     assert torch.equal(on, off)
 
 
 def test_native_sddmm_from_several_threads_at_once(monkeypatch):
-    """Callers at once (models trained in several threads) get their own partial sums: one on the
-    worker pool, the others on threads they start."""
+    """Callers at once (models trained in several threads) get their own partial sums."""
     import threading
 
     lib = native.kernel()
@@ -322,15 +321,18 @@ def test_native_sddmm_in_a_forked_child():
     want = (g.double().t() @ x.double()).gather(1, idx.long()).float()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    lib.neuroada_sddmm_use_pool(1)  # (off by default) its threads are what fork() loses
     try:
         torch.testing.assert_close(bypass._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)  # pool up
         with multiprocessing.get_context("fork").Pool(1) as pool:
             got = pool.apply_async(_sddmm_in_child, (g, x, idx)).get(timeout=60)
     finally:
         torch.set_num_threads(before)
+        lib.neuroada_sddmm_use_pool(0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _sddmm_in_child(g, x, idx):
     torch.set_num_threads(2)
+    native.kernel().neuroada_sddmm_use_pool(1)
     return bypass._sddmm_native(native.kernel(), g, x, idx)

@@ -4,8 +4,7 @@
  *
  * g: [T, d_out] (row stride ldg), x: [T, d_in] (row stride ldx), both fp32 or both bf16;
  * idx: int32 [d_out, k]; out: fp32 [d_out, k], overwritten with this token range's sums.
- * neuroada_sddmm (at the end) splits the tokens over threads (kept asleep between calls), each
- * with its own partial sums, added in a fixed order (so the result is deterministic for a given
+ * neuroada_sddmm (at the end) splits the tokens over threads, each with its own partial sums, added in a fixed order (so the result is deterministic for a given
  * thread count).
  *
  * Tokens go by blocks of tb (16-64, so that xT fits a core's L2). For each block, x is transposed
@@ -254,14 +253,11 @@ static void *sddmm_part_run(void *arg)
     return NULL;
 }
 
-/* Worker threads that stay: started on first use, asleep on a condition variable between calls
- * (no CPU spent while torch runs). A thread started per call costs ~40 us to create and join
- * here, and a new thread often begins on its creator's core: with threads started per call, the
- * 2-thread SDDMM at 384x1536, T=256 was no faster than one thread; with the pool it is ~25%
- * faster, and ~25% faster at 1024x1024, T=2048, k=20 (bench/bench_kernels.py). A woken worker
- * goes back to the core it last ran on. One caller uses the pool at a time; a concurrent caller
- * starts its own threads. After fork() the child has no workers (pthread_atfork resets the pool
- * there, so a forked data-loader process can still call this). */
+/* Optional worker threads that stay (neuroada_sddmm_use_pool(1)): started on first use, asleep
+ * on a condition variable between calls (no CPU spent while torch runs), instead of a pthread
+ * created and joined per call (~40 us here). One caller uses the pool at a time; a concurrent
+ * caller starts its own threads. After fork() the child has no workers (pthread_atfork resets
+ * the pool there, so a forked data-loader process can still call this). */
 typedef struct {
     pthread_mutex_t lock;   /* guards everything below */
     pthread_cond_t go, done;
@@ -308,9 +304,11 @@ static void *pool_worker(void *arg)
     return NULL;
 }
 
-static int pool_enabled = 1;
-/* 0 turns the pool off (threads started per call, as before it existed): for bench_kernels.py's
- * side-by-side comparison only. */
+/* Off by default. bench_kernels.py (its two 2-thread columns) and alternating runs on a Zen 3
+ * host: the pool won at 384-wide layers with T=256 (which now take one thread, see
+ * bypass._TOKENS_PER_THREAD), tied at 1024x1024 T=2048 and was ~10% slower at 4096x4096 and
+ * 4096x11008 T=512 (k=20), so threads are started per call unless this is turned on. */
+static int pool_enabled = 0;
 void neuroada_sddmm_use_pool(int on) { pool_enabled = on != 0; }
 
 /* Runs parts[1..n) on the pool and parts[0] here; 0 if the pool could not take them. */
