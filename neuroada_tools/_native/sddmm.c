@@ -304,10 +304,11 @@ static void *pool_worker(void *arg)
     return NULL;
 }
 
-/* Off by default. bench_kernels.py (its two 2-thread columns) and alternating runs on a Zen 3
- * host: the pool won at 384-wide layers with T=256 (which now take one thread, see
- * bypass._TOKENS_PER_THREAD), tied at 1024x1024 T=2048 and was ~10% slower at 4096x4096 and
- * 4096x11008 T=512 (k=20), so threads are started per call unless this is turned on. */
+/* Off by default. bench_kernels.py's two 2-thread columns on a Zen 3 host (BENCHMARKS.md, session
+ * 4): the pool won at 384-wide layers with T=256 (which now take one thread, see
+ * bypass._TOKENS_PER_THREAD), tied at 1024x1024 T=2048, and at 4096x4096 / 4096x11008 T=512 k=20
+ * was faster in one run and 20-45% slower in the other, so threads are started per call unless
+ * this is turned on. */
 static int pool_enabled = 0;
 void neuroada_sddmm_use_pool(int on) { pool_enabled = on != 0; }
 
