@@ -7,8 +7,7 @@ and one layer with only frozen / NeuroAda / LoRA interleaved.
 
 1. Building ``_native/*.c`` into an empty cache folder (what a first use costs).
 2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py`` (and any ``--shape``): the
-   compiled kernel on 2 threads (started per call, the default, and on its optional sleeping
-   worker pool) and 1 thread, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
+   compiled kernel on 2 threads and 1 thread, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
    repetition runs a frozen layer's backward matmul (``g @ W``) first, as inside a backward pass,
    so torch's OpenMP threads are in the state they are in there.
 3. The per-forward refresh alone: ``_native/refresh.c`` against torch's ``scatter_``.
@@ -57,17 +56,15 @@ def median_ms(fns: dict, reps: int, before=None) -> dict[str, float]:
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
-def with_backend(backend: str, threads: int, g, x, idx, pool: bool = True):
+def with_backend(backend: str, threads: int, g, x, idx):
     def run():
         old, bypass.SDDMM_BACKEND = bypass.SDDMM_BACKEND, backend
         torch.set_num_threads(threads)
-        native._state["lib"].neuroada_sddmm_use_pool(int(pool))
         try:
             bypass.sddmm(g, x, idx)
         finally:
             bypass.SDDMM_BACKEND = old
             torch.set_num_threads(2)
-            native._state["lib"].neuroada_sddmm_use_pool(0)
     return run
 
 
@@ -92,9 +89,8 @@ def main() -> None:
     native._state["lib"] = lib
 
     print("SDDMM alone, ms (median of interleaved repetitions, each after a `g @ W` as in a backward):\n")
-    print("| d_in→d_out | T | k | native, 2 threads | native, 2 threads on the optional pool | native, 1 thread "
-          "| sampled_addmm | columns |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| d_in→d_out | T | k | native, 2 threads | native, 1 thread | sampled_addmm | columns |")
+    print("|---|---|---|---|---|---|---|")
     g0 = torch.Generator().manual_seed(0)
     for d_in, d_out, T in shapes:
         W = torch.randn(d_out, d_in, generator=g0) * d_in**-0.5
@@ -102,9 +98,8 @@ def main() -> None:
         g = torch.randn(T, d_out, generator=g0)
         for k in (1, 20):
             idx = select(W, k)
-            runs = (("native", 2, False), ("native", 2, True), ("native", 1, False), ("sampled_addmm", 2, False),
-                    ("columns", 2, False))
-            sd = median_ms({f"{b}/{th}/{p}": with_backend(b, th, g, x, idx, p) for b, th, p in runs}, a.reps,
+            runs = (("native", 2), ("native", 1), ("sampled_addmm", 2), ("columns", 2))
+            sd = median_ms({f"{b}/{th}": with_backend(b, th, g, x, idx) for b, th in runs}, a.reps,
                            before=lambda: g @ W)
             v = " | ".join(f"{t:.2f}" for t in sd.values())
             print(f"| {d_in}→{d_out} | {T} | {k} | {v} |")

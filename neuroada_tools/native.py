@@ -41,7 +41,7 @@ _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthre
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]
-_ABI = 6
+_ABI = 7
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -121,7 +121,6 @@ def _load() -> ctypes.CDLL | None:
             "neuroada_select_u32": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_sddmm": ([c_int, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_sddmm_scratch": ([i64], i64),
-            "neuroada_sddmm_use_pool": ([c_int], None),
             "neuroada_refresh_f32": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
             "neuroada_refresh_bf16": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
             "neuroada_keep_if_changed": ([ptr, ptr, i64], c_int),

@@ -196,25 +196,15 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, monkeypatch):
                        results[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
-@pytest.mark.parametrize("pool", [True, False], ids=["pool", "threads-per-call"])
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_native_sddmm_thread_split(threads, pool, monkeypatch):
-    """The kernel's own thread split (parts of at least 64 tokens here), on its worker pool and on
-    threads started per call (what a second concurrent caller gets): every thread count gives the
-    dense gradient, and the same thread count gives the same bits twice."""
+def test_native_sddmm_thread_split(threads, monkeypatch):
+    """The kernel's own thread split (parts of at least 64 tokens here): every thread count gives
+    the dense gradient, and the same thread count gives the same bits twice."""
     lib = native.kernel()
     if lib is None:
         pytest.skip("kernel unavailable")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # split T=130 and T=700 as finely as C allows
-    lib.neuroada_sddmm_use_pool(int(pool))
-    try:
-        _check_thread_split(lib, threads)
-    finally:
-        lib.neuroada_sddmm_use_pool(0)
-
-
-def _check_thread_split(lib, threads: int) -> None:
     g0 = torch.Generator().manual_seed(threads)
     for T in (1, 63, 64, 130, 700):
         g = torch.randn(T, 24, generator=g0)
@@ -224,24 +214,6 @@ def _check_thread_split(lib, threads: int) -> None:
         first = bypass._sddmm_native(lib, g, x, idx)
         torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(bypass._sddmm_native(lib, g, x, idx), first)
-
-
-def test_native_sddmm_pool_and_threads_per_call_give_the_same_bits(monkeypatch):
-    lib = native.kernel()
-    if lib is None:
-        pytest.skip("kernel unavailable")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)
-    g0 = torch.Generator().manual_seed(21)
-    g, x = torch.randn(400, 30, generator=g0), torch.randn(400, 50, generator=g0)
-    idx = torch.rand(30, 50, generator=g0).topk(6, dim=1).indices.sort(dim=1).values.to(torch.int32)
-    off = bypass._sddmm_native(lib, g, x, idx)
-    lib.neuroada_sddmm_use_pool(1)
-    try:
-        on = bypass._sddmm_native(lib, g, x, idx)
-    finally:
-        lib.neuroada_sddmm_use_pool(0)
-    assert torch.equal(on, off)
 
 
 def test_native_sddmm_from_several_threads_at_once(monkeypatch):
@@ -303,36 +275,3 @@ def test_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
     assert lib is not None and lib.neuroada_abi_version() == native._ABI
     assert cached.stat().st_size > 1000
 
-
-def test_native_sddmm_in_a_forked_child():
-    """The kernel's worker threads don't survive fork(): a child process (a data-loader worker, a
-    multiprocessing pool) that calls the SDDMM after the parent did must not hang, and must be right."""
-    import multiprocessing
-
-    lib = native.kernel()
-    if lib is None:
-        pytest.skip("kernel unavailable")
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no fork on this platform")
-    g0 = torch.Generator().manual_seed(5)
-    g = torch.randn(512, 32, generator=g0)
-    x = torch.randn(512, 48, generator=g0)
-    idx = torch.rand(32, 48, generator=g0).topk(7, dim=1).indices.sort(dim=1).values.to(torch.int32)
-    want = (g.double().t() @ x.double()).gather(1, idx.long()).float()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    lib.neuroada_sddmm_use_pool(1)  # (off by default) its threads are what fork() loses
-    try:
-        torch.testing.assert_close(bypass._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)  # pool up
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            got = pool.apply_async(_sddmm_in_child, (g, x, idx)).get(timeout=60)
-    finally:
-        torch.set_num_threads(before)
-        lib.neuroada_sddmm_use_pool(0)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def _sddmm_in_child(g, x, idx):
-    torch.set_num_threads(2)
-    native.kernel().neuroada_sddmm_use_pool(1)
-    return bypass._sddmm_native(native.kernel(), g, x, idx)

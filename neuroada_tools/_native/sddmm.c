@@ -4,8 +4,8 @@
  *
  * g: [T, d_out] (row stride ldg), x: [T, d_in] (row stride ldx), both fp32 or both bf16;
  * idx: int32 [d_out, k]; out: fp32 [d_out, k], overwritten with this token range's sums.
- * neuroada_sddmm (at the end) splits the tokens over threads, each with its own partial sums, added in a fixed order (so the result is deterministic for a given
- * thread count).
+ * neuroada_sddmm (at the end) splits the tokens over threads, each with its own partial sums,
+ * added in a fixed order (so the result is deterministic for a given thread count).
  *
  * Tokens go by blocks of tb (16-64, so that xT fits a core's L2). For each block, x is transposed
  * once into xT [d_in, tb] and g, 256 output rows at a time, into gT [256, tb] (fp32; bf16 is
@@ -253,111 +253,15 @@ static void *sddmm_part_run(void *arg)
     return NULL;
 }
 
-/* Optional worker threads that stay (neuroada_sddmm_use_pool(1)): started on first use, asleep
- * on a condition variable between calls (no CPU spent while torch runs), instead of a pthread
- * created and joined per call (~40 us here). One caller uses the pool at a time; a concurrent
- * caller starts its own threads. After fork() the child has no workers (pthread_atfork resets
- * the pool there, so a forked data-loader process can still call this). */
-typedef struct {
-    pthread_mutex_t lock;   /* guards everything below */
-    pthread_cond_t go, done;
-    int workers;            /* started so far */
-    long generation;        /* bumped once per call */
-    int remaining;          /* parts of this call not finished yet */
-    const sddmm_part *parts;
-    int nparts;
-    long born[MAX_THREADS]; /* generation at each worker's start: the calls it must not wait for */
-} sddmm_pool;
-static sddmm_pool pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, 0, {0}};
-static pthread_mutex_t pool_user = PTHREAD_MUTEX_INITIALIZER; /* held by the caller using the pool */
-static pthread_once_t pool_fork_once = PTHREAD_ONCE_INIT;
-
-static void pool_after_fork_child(void)
-{
-    pthread_mutex_init(&pool.lock, NULL);
-    pthread_cond_init(&pool.go, NULL);
-    pthread_cond_init(&pool.done, NULL);
-    pthread_mutex_init(&pool_user, NULL);
-    pool.workers = 0;
-    pool.remaining = 0;
-    pool.parts = NULL;
-    pool.nparts = 0;
-}
-static void pool_register_fork(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
-
-static void *pool_worker(void *arg)
-{
-    const int part = (int)(intptr_t)arg; /* worker w runs part w + 1 */
-    pthread_mutex_lock(&pool.lock);
-    long seen = pool.born[part];
-    for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.go, &pool.lock);
-        seen = pool.generation;
-        if (part < pool.nparts) {
-            const sddmm_part *p = &pool.parts[part];
-            pthread_mutex_unlock(&pool.lock);
-            sddmm_part_run((void *)p);
-            pthread_mutex_lock(&pool.lock);
-            if (--pool.remaining == 0) pthread_cond_signal(&pool.done);
-        }
-    }
-    return NULL;
-}
-
-/* Off by default. bench_kernels.py's two 2-thread columns on a Zen 3 host (BENCHMARKS.md, session
- * 4): the pool won at 384-wide layers with T=256 (which now take one thread, see
- * bypass._TOKENS_PER_THREAD), tied at 1024x1024 T=2048, and at 4096x4096 / 4096x11008 T=512 k=20
- * was faster in one run and 20-45% slower in the other, so threads are started per call unless
- * this is turned on. */
-static int pool_enabled = 0;
-void neuroada_sddmm_use_pool(int on) { pool_enabled = on != 0; }
-
-/* Runs parts[1..n) on the pool and parts[0] here; 0 if the pool could not take them. */
-static int pool_run(const sddmm_part *parts, int n)
-{
-    if (pthread_mutex_trylock(&pool_user) != 0) return 0;
-    pthread_once(&pool_fork_once, pool_register_fork);
-    pthread_mutex_lock(&pool.lock);
-    while (pool.workers < n - 1) {
-        pthread_t tid;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pool.born[pool.workers + 1] = pool.generation;
-        int ok = pthread_create(&tid, &attr, pool_worker, (void *)(intptr_t)(pool.workers + 1)) == 0;
-        pthread_attr_destroy(&attr);
-        if (!ok) break;
-        pool.workers++;
-    }
-    if (pool.workers < n - 1) {
-        pthread_mutex_unlock(&pool.lock);
-        pthread_mutex_unlock(&pool_user);
-        return 0;
-    }
-    pool.parts = parts;
-    pool.nparts = n;
-    pool.remaining = n - 1;
-    pool.generation++;
-    pthread_cond_broadcast(&pool.go);
-    pthread_mutex_unlock(&pool.lock);
-    sddmm_part_run((void *)&parts[0]);
-    pthread_mutex_lock(&pool.lock);
-    while (pool.remaining > 0) pthread_cond_wait(&pool.done, &pool.lock);
-    pool.parts = NULL;
-    pool.nparts = 0;
-    pthread_mutex_unlock(&pool.lock);
-    pthread_mutex_unlock(&pool_user);
-    return 1;
-}
-
 /* The whole SDDMM over tokens [0, T) on `threads` threads (at most 64): thread p takes tokens
  * [T*p/threads, T*(p+1)/threads) rounded down to multiples of 64. Part 0 runs on the caller and
- * writes `out`; part p > 0 runs on a pool worker (or on a thread started here when another caller
- * holds the pool, or on the caller if neither is possible) and writes
- * partials[(p-1) * d_out * k ...], added to `out` in order p = 1, 2, ... at the end, so the result
- * is deterministic for a given thread count. scratch: threads * neuroada_sddmm_scratch(d_in)
- * floats. Safe to call from several threads at once as long as each passes its own out, partials
- * and scratch. */
+ * writes `out`; part p > 0 runs on a thread started here (or on the caller, if it can't be
+ * started) and writes partials[(p-1) * d_out * k ...], added to `out` in order p = 1, 2, ... at the
+ * end, so the result is deterministic for a given thread count. scratch: threads *
+ * neuroada_sddmm_scratch(d_in) floats. Starting the threads here, not from Python, keeps the
+ * interpreter (and its lock) out of the hot path: a Python thread pool took ~0.3 ms per call to
+ * get its worker going, a pthread takes ~0.02 ms. Safe to call from several threads at once as
+ * long as each passes its own out, partials and scratch. */
 void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t ldx, const int32_t *idx,
                     int64_t d_out, int64_t d_in, int64_t k, int64_t T, int threads, float *out, float *partials,
                     float *scratch)
@@ -365,6 +269,8 @@ void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     sddmm_part parts[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
     const int64_t n = d_out * k, per = neuroada_sddmm_scratch(d_in);
     for (int p = 0; p < threads; p++) {
         int64_t t0 = T * p / threads / 64 * 64, t1 = p + 1 < threads ? T * (p + 1) / threads / 64 * 64 : T;
@@ -372,19 +278,13 @@ void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t
                            p == 0 ? out : partials + (p - 1) * n, scratch + p * per};
         parts[p] = part;
     }
-    if (threads == 1) {
-        sddmm_part_run(&parts[0]);
-    } else if (!pool_enabled || !pool_run(parts, threads)) {
-        pthread_t tids[MAX_THREADS];
-        int started[MAX_THREADS] = {0};
-        for (int p = 1; p < threads; p++) started[p] = pthread_create(&tids[p], NULL, sddmm_part_run, &parts[p]) == 0;
-        sddmm_part_run(&parts[0]);
-        for (int p = 1; p < threads; p++) {
-            if (started[p])
-                pthread_join(tids[p], NULL);
-            else
-                sddmm_part_run(&parts[p]);
-        }
+    for (int p = 1; p < threads; p++) started[p] = pthread_create(&tids[p], NULL, sddmm_part_run, &parts[p]) == 0;
+    sddmm_part_run(&parts[0]);
+    for (int p = 1; p < threads; p++) {
+        if (started[p])
+            pthread_join(tids[p], NULL);
+        else
+            sddmm_part_run(&parts[p]);
     }
     for (int p = 1; p < threads; p++) {
         const float *src = parts[p].out;
