@@ -7,10 +7,13 @@ and one layer with only frozen / NeuroAda / LoRA interleaved.
 
 1. Building ``_native/*.c`` into an empty cache folder (what a first use costs).
 2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py`` (and any ``--shape``): the
-   compiled kernel on 2 threads and 1 thread, ``torch.sparse.sampled_addmm`` and the per-column gather (``SDDMM_BACKEND``); each
+   compiled kernel on 2 threads of torch's OpenMP team, on 2 threads it starts itself (unbound,
+   ``native.bind_openmp(lib, None)``) and on 1 thread, ``torch.sparse.sampled_addmm`` and the
+   per-column gather (``SDDMM_BACKEND``); each
    repetition runs a frozen layer's backward matmul (``g @ W``) first, as inside a backward pass,
    so torch's OpenMP threads are in the state they are in there.
-3. The per-forward refresh alone: ``_native/refresh.c`` against torch's ``scatter_``.
+3. The per-forward refresh alone: ``_native/refresh.c`` with its rows split in two parts on torch's
+   OpenMP team and in one part, against torch's ``scatter_``.
 4. One layer forward + backward with only frozen, NeuroAda and LoRA at matched parameters
    interleaved (``bench_bypass.layer_methods``; the full table interleaves six methods).
 
@@ -56,15 +59,21 @@ def median_ms(fns: dict, reps: int, before=None) -> dict[str, float]:
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
-def with_backend(backend: str, threads: int, g, x, idx):
+def with_backend(backend: str, threads: int, g, x, idx, team: bool = True):
+    """bypass.sddmm with ``backend`` on ``threads`` threads; ``team=False``: the compiled kernel
+    unbound from torch's OpenMP team (threads started per call)."""
     def run():
         old, bypass.SDDMM_BACKEND = bypass.SDDMM_BACKEND, backend
         torch.set_num_threads(threads)
+        if not team:
+            native.bind_openmp(native.kernel(), None)
         try:
             bypass.sddmm(g, x, idx)
         finally:
             bypass.SDDMM_BACKEND = old
             torch.set_num_threads(2)
+            if not team:
+                native.bind_openmp(native.kernel())
     return run
 
 
@@ -89,8 +98,12 @@ def main() -> None:
     native._state["lib"] = lib
 
     print("SDDMM alone, ms (median of interleaved repetitions, each after a `g @ W` as in a backward):\n")
-    print("| d_in→d_out | T | k | native, 2 threads | native, 1 thread | sampled_addmm | columns |")
-    print("|---|---|---|---|---|---|---|")
+    print("| d_in→d_out | T | k | native, 2 threads (torch's OpenMP team) | native, 2 threads started per call "
+          "| native, 1 thread | sampled_addmm | columns |")
+    print("|---|---|---|---|---|---|---|---|")
+    native.sddmm_kernel()  # binds to torch's OpenMP team
+    if not native.openmp_bound():
+        print("(torch does not run on an OpenMP runtime here: both native columns start their threads)\n")
     g0 = torch.Generator().manual_seed(0)
     for d_in, d_out, T in shapes:
         W = torch.randn(d_out, d_in, generator=g0) * d_in**-0.5
@@ -98,16 +111,18 @@ def main() -> None:
         g = torch.randn(T, d_out, generator=g0)
         for k in (1, 20):
             idx = select(W, k)
-            runs = (("native", 2), ("native", 1), ("sampled_addmm", 2), ("columns", 2))
-            sd = median_ms({f"{b}/{th}": with_backend(b, th, g, x, idx) for b, th in runs}, a.reps,
-                           before=lambda: g @ W)
+            runs = (("native", 2, True), ("native", 2, False), ("native", 1, True), ("sampled_addmm", 2, True),
+                    ("columns", 2, True))
+            sd = median_ms({f"{b}/{th}/{team}": with_backend(b, th, g, x, idx, team) for b, th, team in runs},
+                           a.reps, before=lambda: g @ W)
             v = " | ".join(f"{t:.2f}" for t in sd.values())
             print(f"| {d_in}→{d_out} | {T} | {k} | {v} |")
 
     print("\nRefresh alone (W0_sel + delta written at the selected entries), microseconds, each repetition "
           "after a `g @ W'` with another weight W' (the refreshed weight out of the near caches, as in a step):\n")
-    print("| d_in→d_out | k | compiled (refresh.c) | torch scatter_ | unchanged-delta check + copy |")
-    print("|---|---|---|---|---|")
+    print("| d_in→d_out | k | compiled, 2 parts on torch's OpenMP team | compiled, 1 part | torch scatter_ "
+          "| unchanged-delta check + copy |")
+    print("|---|---|---|---|---|---|")
     for d_in, d_out, T in shapes:
         W = torch.randn(d_out, d_in, generator=g0)
         other = torch.randn(d_out, d_in, generator=g0)
@@ -117,8 +132,10 @@ def main() -> None:
             w0 = W.gather(1, idx.long())
             delta = torch.randn(d_out, k, generator=g0) * 1e-3
             fns = {
+                "team": lambda: lib.neuroada_refresh_f32(W.data_ptr(), W.stride(0), W.stride(1), idx.data_ptr(),
+                                                         w0.data_ptr(), delta.data_ptr(), d_out, k, 2),
                 "compiled": lambda: lib.neuroada_refresh_f32(W.data_ptr(), W.stride(0), W.stride(1), idx.data_ptr(),
-                                                             w0.data_ptr(), delta.data_ptr(), d_out, k),
+                                                             w0.data_ptr(), delta.data_ptr(), d_out, k, 1),
                 "torch": lambda: W.scatter_(1, idx, w0 + delta),  # the torch path of bypass._neuroada_refresh
                 # what every refresh adds to decide whether it can be skipped (bypass._neuroada_refresh):
                 # compare the delta's bits with those last written, keep a copy
@@ -126,7 +143,7 @@ def main() -> None:
             }
             kept = delta.clone()  # unchanged: the whole compare runs (a changed delta stops at its first entry)
             rf = median_ms(fns, a.reps * 3, before=lambda: g @ other)
-            print(f"| {d_in}→{d_out} | {k} | {rf['compiled'] * 1e3:.0f} | {rf['torch'] * 1e3:.0f} | "
+            print(f"| {d_in}→{d_out} | {k} | {rf['team'] * 1e3:.0f} | {rf['compiled'] * 1e3:.0f} | {rf['torch'] * 1e3:.0f} | "
                   f"{rf['check'] * 1e3:.0f} |")
 
     if a.layer_reps <= 0:

@@ -83,12 +83,15 @@ _ROOT_STATE = "_neuroada_attach_state"
 # or force "native" / "sampled_addmm" / "columns" (tests and benchmarks do)
 SDDMM_BACKEND = "auto"
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
-_NATIVE_REFRESH_MAX = 1 << 16  # entries up to which the compiled refresh beats torch's scatter_
+_NATIVE_REFRESH_MAX = 1 << 16  # entries up to which the one-core compiled refresh beats torch's scatter_
+_REFRESH_ENTRIES_PER_PART = 4096  # on torch's OpenMP team: rows split so each part writes this many at least
 _COLUMNS_MAX_K = 2
-# CPU SDDMM: at least this many tokens per thread. `python bench/bench_kernels.py --shape
-# 384,384,256 --shape 384,1536,256`: at T=256 one thread beat two (waking a second core costs
-# more than half of such a call); at T=512 two threads win at every shape measured.
-_TOKENS_PER_THREAD = 256
+# CPU SDDMM: at least this many tokens per part. On torch's OpenMP team (native.bind_openmp) two
+# parts of 64 tokens already beat one at 384x1536 and 1024x1024 (`python bench/bench_kernels.py
+# --shape 384,1536,128`); with threads started per call, at T=256 one thread beat two (starting
+# a thread costs more than half of such a call), so that path keeps 256.
+_TOKENS_PER_THREAD = 64
+_TOKENS_PER_STARTED_THREAD = 256
 _SDDMM_UNSUPPORTED: set[str] = set()  # device types where sampled_addmm raised
 _L2_FLOATS = 1 << 18  # CPU SDDMM token block: d_in * block fp32 values of x^T (1 MiB) stay in L2 ...
 _L3_FLOATS = 1 << 22  # ... used when the whole x^T (T * d_in fp32) is over 16 MiB
@@ -110,7 +113,8 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     Three kernels (``SDDMM_BACKEND``; ``"auto"`` picks):
 
     - ``"native"`` (CPU, fp32 or bf16 inputs, where the compiled kernel is available):
-      ``_native/sddmm.c``, tokens split over ``torch.get_num_threads()`` threads (see there).
+      ``_native/sddmm.c``, tokens split over ``torch.get_num_threads()`` threads of torch's OpenMP
+      team (see there).
 
     - ``torch.sparse.sampled_addmm`` on the CSR pattern: it dots row ``i`` of ``g^T`` with row
       ``idx[i, j]`` of ``x^T``, so both are first copied into T-contiguous fp32 (the copy also
@@ -127,7 +131,7 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     device_type = g.device.type
     backend = SDDMM_BACKEND
     if backend in ("auto", "native") and device_type == "cpu" and g.dtype == x.dtype and x.dtype in _NATIVE_DTYPES:
-        lib = native.kernel()
+        lib = native.sddmm_kernel()
         if lib is not None and T > 0:
             return _sddmm_native(lib, g, x, idx)
     if backend == "native":
@@ -174,16 +178,18 @@ def _scratch(name: str, numel: int) -> torch.Tensor:
 
 
 def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The C kernel (``_native/sddmm.c``): one call, which splits the tokens over
-    ``torch.get_num_threads()`` threads it starts itself; each thread sums into its own fp32
-    buffer, added at the end in a fixed order (deterministic for a given thread count). The
-    buffers are the calling thread's, reused across calls, so concurrent callers are safe."""
+    """The C kernel (``_native/sddmm.c``): one call, which splits the tokens into up to
+    ``torch.get_num_threads()`` parts run on torch's own OpenMP team (``native.bind_openmp``; else
+    on threads the kernel starts); each part sums into its own fp32 buffer, added at the end in a
+    fixed order (deterministic for a given thread count). The buffers are the calling thread's,
+    reused across calls, so concurrent callers are safe."""
     d_out, k = idx.shape
     T, d_in = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     g = g if g.stride(1) == 1 else g.contiguous()
     idx = idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
-    threads = max(1, min(torch.get_num_threads(), T // _TOKENS_PER_THREAD, 64))
+    per_part = _TOKENS_PER_THREAD if native.openmp_bound() else _TOKENS_PER_STARTED_THREAD
+    threads = max(1, min(torch.get_num_threads(), T // per_part, 64))
     out = torch.empty((d_out, k), dtype=torch.float32)
     partials = _scratch("partial", max(1, (threads - 1) * d_out * k))
     scratch = _scratch("blocks", threads * lib.neuroada_sddmm_scratch(d_in))
@@ -312,14 +318,20 @@ class _BypassMixin:
                     kept = delta.detach().clone()
         native_ok = (
             w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
-            and idx.numel() <= _NATIVE_REFRESH_MAX and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
+            and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
         )
-        lib = native.kernel() if native_ok else None
+        lib = native.sddmm_kernel() if native_ok else None
+        parts = 1
+        if lib is not None:
+            if native.openmp_bound():
+                parts = max(1, min(torch.get_num_threads(), idx.numel() // _REFRESH_ENTRIES_PER_PART, 64))
+            elif idx.numel() > _NATIVE_REFRESH_MAX:
+                lib = None  # one core's misses against torch's threads: torch wins here
         if lib is not None:
             logical = self._neuroada_logical(w)
             fn = lib.neuroada_refresh_f32 if w.dtype == torch.float32 else lib.neuroada_refresh_bf16
             fn(logical.data_ptr(), logical.stride(0), logical.stride(1), idx.data_ptr(),
-               w0.data_ptr(), delta.data_ptr(), idx.shape[0], idx.shape[1])
+               w0.data_ptr(), delta.data_ptr(), idx.shape[0], idx.shape[1], parts)
             torch.autograd.graph.increment_version(w)  # as torch's own in-place write would
         else:
             acc = torch.promote_types(w0.dtype, torch.float32)

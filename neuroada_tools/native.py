@@ -11,9 +11,10 @@ None and ``select.py`` uses its pure-torch path, which gives the same indices, o
 ``NEUROADA_NATIVE=0`` disables the kernel; ``NEUROADA_NATIVE=1`` makes a failed build an error
 instead of a silent fallback (CI sets it, so the fast path is what the tests check).
 
-Also here: ``parallel`` (run a kernel's parts on the calling thread and a shared Python pool;
-the selection uses it, one call per tensor, where the pool's ~0.3 ms start-up does not matter;
-the SDDMM, called per layer and step, starts its threads in C instead) and ``shorten_openmp_spin``
+Also here: ``bind_openmp`` (the SDDMM, called per layer and step, runs its parts on the OpenMP
+team torch's own ops run on), ``parallel`` (run a kernel's parts on the calling thread and a shared
+Python pool; the selection uses it, one call per tensor, where the pool's ~0.3 ms start-up does not
+matter) and ``shorten_openmp_spin``
 (the ``GOMP_SPINCOUNT`` default the CLI and the benchmarks set before importing torch). This
 module never imports torch.
 """
@@ -41,7 +42,7 @@ _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthre
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]
-_ABI = 7
+_ABI = 8
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -121,9 +122,10 @@ def _load() -> ctypes.CDLL | None:
             "neuroada_select_u32": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_sddmm": ([c_int, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_sddmm_scratch": ([i64], i64),
-            "neuroada_refresh_f32": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
-            "neuroada_refresh_bf16": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64], None),
+            "neuroada_refresh_f32": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64, c_int], None),
+            "neuroada_refresh_bf16": ([ptr, i64, i64, ptr, ptr, ptr, i64, i64, c_int], None),
             "neuroada_keep_if_changed": ([ptr, ptr, i64], c_int),
+            "neuroada_sddmm_set_openmp": ([ptr, ptr, ptr], None),
         }
         for name, (args, result) in signatures.items():
             fn = getattr(lib, name)
@@ -142,6 +144,66 @@ def kernel() -> ctypes.CDLL | None:
         if "lib" not in _state:
             _state["lib"] = _load()
         return _state["lib"]  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- torch's OpenMP team
+
+_OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")  # runtimes that export libgomp's GOMP_parallel
+
+
+def _loaded_openmp_runtime() -> str | None:
+    """Path of the OpenMP runtime this process has loaded (torch's own first), or None. Linux only
+    (``/proc/self/maps``)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+    except OSError:
+        return None
+    found = sorted(p for p in paths if os.path.basename(p).startswith(_OPENMP_NAMES) and p.startswith("/"))
+    found.sort(key=lambda p: f"{os.sep}torch{os.sep}" not in p)  # torch's bundled runtime first (a stable sort)
+    return found[0] if found else None
+
+
+def bind_openmp(lib: ctypes.CDLL, runtime: str | None = "auto") -> bool:
+    """Let the SDDMM run its parts on the OpenMP team that torch's ops run on; True when bound.
+
+    After a matmul, torch's OpenMP worker threads spin for a while waiting for the next op: a
+    thread the kernel started itself then competed with them for the cores, and a 2-thread SDDMM
+    measured no faster than 1 thread (``bench/bench_kernels.py``). On that same team the parts run
+    on the threads that are waiting anyway. ``runtime="auto"`` binds to the runtime torch uses
+    when torch's parallel backend is OpenMP (only then: a second team would compete the same way);
+    ``None`` unbinds (threads started per call again, for benchmarks and tests); a path binds to
+    that library. Call with torch imported."""
+    path = runtime
+    if runtime == "auto":
+        import torch  # the caller has it loaded already
+
+        path = _loaded_openmp_runtime() if "OpenMP" in torch.__config__.parallel_info() else None
+    entry = [None, None, None]
+    if path is not None:
+        try:
+            omp = ctypes.CDLL(path)  # already loaded: the same handle, the same team
+            entry = [ctypes.cast(getattr(omp, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+        except (OSError, AttributeError):
+            entry = [None, None, None]
+    lib.neuroada_sddmm_set_openmp(*entry)
+    return entry[0] is not None
+
+
+def openmp_bound() -> bool:
+    """Whether ``sddmm_kernel`` bound the kernel library to torch's OpenMP team."""
+    return bool(_state.get("openmp"))
+
+
+def sddmm_kernel() -> ctypes.CDLL | None:
+    """``kernel()``, bound once to torch's OpenMP team (``bind_openmp``); for the bypass."""
+    lib = kernel()
+    if lib is not None and "openmp" not in _state:
+        with _lock:
+            if "openmp" not in _state:
+                _state["openmp"] = bind_openmp(lib)
+    return lib
 
 
 # ---------------------------------------------------------------- running kernels on threads

@@ -84,7 +84,8 @@ def test_compiler_error_is_reported(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,d_in,d_out,k", [(1, 3, 2, 1), (63, 17, 5, 3), (64, 33, 40, 33), (200, 70, 9, 1), (130, 16, 16, 16)])
+@pytest.mark.parametrize("T,d_in,d_out,k", [(1, 3, 2, 1), (63, 17, 5, 3), (64, 33, 40, 33), (200, 70, 9, 1), (130, 16, 16, 16),
+                                          (29, 27, 300, 5), (100, 43, 260, 9)])  # 16 + 8 + rest tokens and columns; 256-row chunks
 def test_native_sddmm_equals_dense_gradient(dtype, T, d_in, d_out, k):
     lib = native.kernel()
     if lib is None:
@@ -196,15 +197,45 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, monkeypatch):
                        results[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_refresh_split_in_parts_writes_the_same_bits(kind, monkeypatch, sddmm_lib):
+    """The refresh's rows split over 3 parts (on torch's OpenMP team, or one after another without
+    one) write exactly what the torch expression writes."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from neuroada_tools.bypass import attach
+    from neuroada_tools.sidecar import IndexSidecar, TensorEntry
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(bypass, "_REFRESH_ENTRIES_PER_PART", 16)  # 70 rows x 9: three parts
+    results = []
+    for lib in (sddmm_lib, None):
+        torch.manual_seed(1)
+        layer = nn.Linear(50, 70) if kind == "linear" else Conv1D(70, 50)
+        logical = layer.weight if kind == "linear" else layer.weight.t()
+        idx = select(logical.detach(), 9)
+        index = IndexSidecar(k=9, criterion="magnitude", indices={"0.weight": idx},
+                             entries={"0.weight": TensorEntry((70, 50), "out_in" if kind == "linear" else "in_out", "F32", "0" * 64)})
+        net = nn.Sequential(layer)
+        (delta,) = attach(net, index).values()
+        with torch.no_grad():
+            delta.copy_(torch.randn(70, 9))
+        with monkeypatch.context() as m:
+            m.setitem(native._state, "lib", lib)
+            layer._neuroada_refresh()
+        results.append(layer.weight.detach().clone())
+    assert torch.equal(results[0].view(torch.int32), results[1].view(torch.int32))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_native_sddmm_thread_split(threads, monkeypatch):
+def test_native_sddmm_thread_split(threads, monkeypatch, sddmm_lib):
     """The kernel's own thread split (parts of at least 64 tokens here): every thread count gives
     the dense gradient, and the same thread count gives the same bits twice."""
-    lib = native.kernel()
-    if lib is None:
-        pytest.skip("kernel unavailable")
+    lib = sddmm_lib
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # split T=130 and T=700 as finely as C allows
+    monkeypatch.setattr(bypass, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(threads)
     for T in (1, 63, 64, 130, 700):
         g = torch.randn(T, 24, generator=g0)
@@ -216,15 +247,65 @@ def test_native_sddmm_thread_split(threads, monkeypatch):
         assert torch.equal(bypass._sddmm_native(lib, g, x, idx), first)
 
 
-def test_native_sddmm_from_several_threads_at_once(monkeypatch):
-    """Callers at once (models trained in several threads) get their own partial sums."""
-    import threading
-
-    lib = native.kernel()
+@pytest.fixture(params=["openmp team", "threads started per call"])
+def sddmm_lib(request):
+    """The kernel library, bound to torch's OpenMP team or not (restored afterwards)."""
+    lib = native.sddmm_kernel()
     if lib is None:
         pytest.skip("kernel unavailable")
+    if request.param == "openmp team" and not native.openmp_bound():
+        pytest.skip("torch does not run on an OpenMP runtime here")
+    if request.param != "openmp team":
+        native.bind_openmp(lib, None)
+    yield lib
+    native.bind_openmp(lib, "auto" if native.openmp_bound() else None)
+
+
+def test_sddmm_binds_to_torchs_openmp_team():
+    """Where torch's parallel backend is OpenMP (the Linux CPU wheels), the SDDMM finds that
+    runtime in the process and binds to it; unbinding and binding again work."""
+    if "OpenMP" not in torch.__config__.parallel_info() or not native._loaded_openmp_runtime():
+        pytest.skip("torch does not run on an OpenMP runtime here")
+    lib = native.sddmm_kernel()
+    if lib is None:
+        pytest.skip("kernel unavailable")
+    assert native.openmp_bound()
+    assert "omp" in native._loaded_openmp_runtime().rsplit("/", 1)[1]
+    assert native.bind_openmp(lib, None) is False
+    assert native.bind_openmp(lib, "/nonexistent/libgomp.so.1") is False  # a bad path: stays unbound
+    assert native.bind_openmp(lib) is True
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_openmp_team_and_started_threads_give_the_same_bits(threads, monkeypatch):
+    """The parts and their summing order depend only on the part count, not on who runs them."""
+    lib = native.sddmm_kernel()
+    if lib is None or not native.openmp_bound():
+        pytest.skip("no OpenMP team to compare with")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g0 = torch.Generator().manual_seed(threads)
+    g = torch.randn(700, 50, generator=g0)
+    x = torch.randn(700, 90, generator=g0)
+    idx = torch.rand(50, 90, generator=g0).topk(13, dim=1).indices.sort(dim=1).values.to(torch.int32)
+    team = bypass._sddmm_native(lib, g, x, idx)
+    try:
+        native.bind_openmp(lib, None)
+        started = bypass._sddmm_native(lib, g, x, idx)
+    finally:
+        native.bind_openmp(lib)
+    assert torch.equal(team.view(torch.int32), started.view(torch.int32))
+    torch.testing.assert_close(team, (g.double().t() @ x.double()).gather(1, idx.long()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_native_sddmm_from_several_threads_at_once(monkeypatch, sddmm_lib):
+    """Callers at once (models trained in several threads) get their own partial sums, on torch's
+    OpenMP team (each calling thread gets a team of its own) and on threads started per call."""
+    import threading
+
+    lib = sddmm_lib
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # T=300: two parts per call
+    monkeypatch.setattr(bypass, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(11)
     cases = []
     for _ in range(4):

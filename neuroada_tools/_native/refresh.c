@@ -10,8 +10,9 @@
  *
  * The d_out * k writes land all over the weight, which the previous layers' work has pushed out
  * of cache: each row prefetches the lines it will write PF_ROWS rows later, so the misses overlap
- * instead of queueing (~2x faster than torch's scatter_ at 1024x1024; single-threaded, so the
- * bypass leaves large refreshes to torch: bench/bench_kernels.py).
+ * instead of queueing. `parts` > 1 splits the rows over torch's OpenMP team (sddmm.c) where one
+ * is bound, so each core keeps its own misses in flight; without a team the parts run one after
+ * another on the caller (bench/bench_kernels.py compares it with torch's scatter_).
  *
  * Worked example (d_out = 2, d_in = 3, k = 1, fp32, rs = 3, cs = 1): w = [1, 2, 3, 4, 5, 6],
  * idx = [[2], [0]], w0 = [[3], [4]], delta = [[0.5], [-1]] -> w = [1, 2, 3.5, 3, 5, 6].
@@ -40,20 +41,44 @@ static inline uint16_t f32_to_bf16_bits(float f)
 #define AS_BF16(v) f32_to_bf16_bits(v)
 #define FROM_BF16(v) bf16_bits_to_f32(v)
 
+/* sddmm.c: fn(arg, p, parts) for p < parts on torch's OpenMP team where one is bound */
+int neuroada_run_on_team(void (*fn)(void *, int, int), void *arg, int parts);
+
+typedef struct {
+    void *w;
+    int64_t rs, cs;
+    const int32_t *idx;
+    const void *w0;
+    const float *delta;
+    int64_t d_out, k;
+} refresh_args;
+
+/* rows [d_out * p / parts, d_out * (p + 1) / parts): each row is written by one part only */
 #define DEFINE_REFRESH(NAME, T_, WIDEN, NARROW)                                                        \
-    void NAME(T_ *w, int64_t rs, int64_t cs, const int32_t *idx, const T_ *w0, const float *delta,     \
-              int64_t d_out, int64_t k)                                                               \
+    static void NAME##_rows(void *arg, int p, int parts)                                              \
     {                                                                                                 \
-        for (int64_t i = 0; i < d_out; i++) {                                                         \
-            if (i + PF_ROWS < d_out) {                                                                \
-                const int32_t *later = idx + (i + PF_ROWS) * k;                                       \
+        const refresh_args *a = (const refresh_args *)arg;                                            \
+        T_ *w = (T_ *)a->w;                                                                           \
+        const T_ *w0 = (const T_ *)a->w0;                                                             \
+        const int64_t rs = a->rs, cs = a->cs, k = a->k;                                               \
+        const int64_t i0 = a->d_out * p / parts, i1 = a->d_out * (p + 1) / parts;                     \
+        for (int64_t i = i0; i < i1; i++) {                                                           \
+            if (i + PF_ROWS < i1) {                                                                   \
+                const int32_t *later = a->idx + (i + PF_ROWS) * k;                                    \
                 for (int64_t j = 0; j < k; j++)                                                       \
                     __builtin_prefetch(w + (i + PF_ROWS) * rs + (int64_t)later[j] * cs, 1, 3);        \
             }                                                                                         \
-            const int32_t *row = idx + i * k;                                                         \
+            const int32_t *row = a->idx + i * k;                                                      \
             for (int64_t j = 0; j < k; j++)                                                           \
-                w[i * rs + (int64_t)row[j] * cs] = NARROW(WIDEN(w0[i * k + j]) + delta[i * k + j]);   \
+                w[i * rs + (int64_t)row[j] * cs] = NARROW(WIDEN(w0[i * k + j]) + a->delta[i * k + j]); \
         }                                                                                             \
+    }                                                                                                 \
+    void NAME(T_ *w, int64_t rs, int64_t cs, const int32_t *idx, const T_ *w0, const float *delta,     \
+              int64_t d_out, int64_t k, int parts)                                                    \
+    {                                                                                                 \
+        refresh_args a = {w, rs, cs, idx, w0, delta, d_out, k};                                       \
+        if (parts < 1 || parts > d_out) parts = 1;                                                    \
+        neuroada_run_on_team(NAME##_rows, &a, parts);                                                 \
     }
 
 DEFINE_REFRESH(neuroada_refresh_f32, float, AS_F32, AS_F32)

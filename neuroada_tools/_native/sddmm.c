@@ -71,6 +71,43 @@ static inline void tr8x8(__m256 *r)
     r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
     r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
+#if defined(__AVX512F__)
+/* In-register transpose of 16 rows of 16 floats: r[c] becomes (r0[c], ..., r15[c]). Four rounds
+ * of 16 shuffles (pairs, quads within 128-bit lanes, then the 4x4 of lanes), a quarter shuffle per
+ * float against the 8x8's three eighths; each output row is one whole 64-byte line. */
+static inline void tr16x16(__m512 *r)
+{
+    __m512 t[16], u[16];
+    for (int q = 0; q < 16; q += 2) {
+        t[q] = _mm512_unpacklo_ps(r[q], r[q + 1]);
+        t[q + 1] = _mm512_unpackhi_ps(r[q], r[q + 1]);
+    }
+    /* u[4b + m], lane L: column 4L + m of rows 4b .. 4b + 3 */
+    for (int b = 0; b < 4; b++) {
+        __m512 *a = t + 4 * b;
+        u[4 * b + 0] = _mm512_shuffle_ps(a[0], a[2], 0x44);
+        u[4 * b + 1] = _mm512_shuffle_ps(a[0], a[2], 0xEE);
+        u[4 * b + 2] = _mm512_shuffle_ps(a[1], a[3], 0x44);
+        u[4 * b + 3] = _mm512_shuffle_ps(a[1], a[3], 0xEE);
+    }
+    /* for each m, a 4x4 transpose of 128-bit lanes across u[m], u[4 + m], u[8 + m], u[12 + m] */
+    for (int m = 0; m < 4; m++) {
+        __m512 p0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44), p1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+        __m512 p2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44), p3 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+        r[m] = _mm512_shuffle_f32x4(p0, p2, 0x88);
+        r[4 + m] = _mm512_shuffle_f32x4(p0, p2, 0xDD);
+        r[8 + m] = _mm512_shuffle_f32x4(p1, p3, 0x88);
+        r[12 + m] = _mm512_shuffle_f32x4(p1, p3, 0xDD);
+    }
+}
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p)
+{
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+#define HAVE_TILES16 1
+#endif
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_bf16(const uint16_t *p)
 {
@@ -123,34 +160,56 @@ DEFINE_DOTS(dots_4, 4)
 DEFINE_DOTS(dots_2, 2)
 DEFINE_DOTS(dots_1, 1)
 #define HAVE_VECTOR_DOTS 1
+#endif
 
-#define TILES(T_, LOAD8)                                                                               \
-    for (; t + 8 <= n; t += 8)                                                                        \
-        for (int64_t c = 0; c + 8 <= width; c += 8) {                                                 \
+/* dst[c * tb + t] = src[t * ld + c] for t < n, c < width; columns t >= n are zeroed so the dots
+ * can always run over tb. 16x16 register tiles with AVX-512 (tb is a multiple of 16, so every
+ * store is one aligned-size 64-byte line of xT), then 8x8 tiles with AVX2, scalar for the edges:
+ * each group of tokens takes the widest tiles that fit and finishes its last columns by hand. */
+#ifdef HAVE_TILES16
+#define TILES16(LOAD16, LOAD)                                                                              \
+    for (; t + 16 <= n; t += 16) {                                                                    \
+        int64_t c = 0;                                                                                \
+        for (; c + 16 <= width; c += 16) {                                                            \
+            __m512 r[16];                                                                             \
+            for (int q = 0; q < 16; q++) r[q] = LOAD16(src + (t + q) * ld + c);                       \
+            tr16x16(r);                                                                               \
+            for (int q = 0; q < 16; q++) _mm512_storeu_ps(dst + (c + q) * tb + t, r[q]);              \
+        }                                                                                             \
+        EDGE(16, LOAD)                                                                                  \
+    }
+#else
+#define TILES16(LOAD16, LOAD)
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define TILES8(LOAD8, LOAD)                                                                                \
+    for (; t + 8 <= n; t += 8) {                                                                      \
+        int64_t c = 0;                                                                                \
+        for (; c + 8 <= width; c += 8) {                                                              \
             __m256 r[8];                                                                              \
             for (int q = 0; q < 8; q++) r[q] = LOAD8(src + (t + q) * ld + c);                         \
             tr8x8(r);                                                                                 \
             for (int q = 0; q < 8; q++) _mm256_storeu_ps(dst + (c + q) * tb + t, r[q]);               \
-        }
+        }                                                                                             \
+        EDGE(8, LOAD)                                                                                   \
+    }
 #else
-#define TILES(T_, LOAD8)
+#define TILES8(LOAD8, LOAD)
 #endif
+/* columns [c, width) of tokens [t, t + M) */
+#define EDGE(M, LOAD)                                                                                    \
+    for (int tt = t; tt < t + (M); tt++)                                                              \
+        for (int64_t cc = c; cc < width; cc++) dst[cc * tb + tt] = LOAD(src[tt * ld + cc]);
 
-/* dst[c * tb + t] = src[t * ld + c] for t < n, c < width; columns t >= n are zeroed so the dots
- * can always run over tb. 8x8 register tiles where AVX2 is available, scalar for the edges. */
-#define DEFINE_TRANSPOSE(NAME, T_, LOAD, LOAD8)                                                        \
+#define DEFINE_TRANSPOSE(NAME, T_, LOAD, LOAD8, LOAD16)                                                \
     static void NAME(const T_ *src, int64_t ld, int64_t width, int n, int tb, float *dst)             \
     {                                                                                                 \
         int t = 0;                                                                                    \
-        TILES(T_, LOAD8)                                                                              \
-        int64_t wfull = (t > 0) ? width / 8 * 8 : 0; /* columns the tiles covered for t' < t */       \
-        for (int tt = 0; tt < t; tt++) {                                                              \
-            const T_ *r = src + tt * ld;                                                              \
-            for (int64_t c = wfull; c < width; c++) dst[c * tb + tt] = LOAD(r[c]);                    \
-        }                                                                                             \
+        TILES16(LOAD16, LOAD)                                                                         \
+        TILES8(LOAD8, LOAD)                                                                           \
         for (; t < n; t++) {                                                                          \
             const T_ *r = src + t * ld;                                                               \
-            for (int64_t c = 0; c < width; c++) dst[c * tb + t] = LOAD(r[c]);                         \
+            for (int64_t c = 0; c < width; c++) dst[c * tb + t] = LOAD(r[c]);                        \
         }                                                                                             \
         if (n < tb)                                                                                   \
             for (int64_t c = 0; c < width; c++) memset(dst + c * tb + n, 0, (size_t)(tb - n) * sizeof(float)); \
@@ -222,8 +281,8 @@ static inline void prefetch_some(prefetcher *p, int64_t count)
 
 #define LOAD_F32(v) (v)
 #define LOAD_BF16(v) bf16_to_f32(v)
-DEFINE_TRANSPOSE(transpose_f32, float, LOAD_F32, load8_f32)
-DEFINE_TRANSPOSE(transpose_bf16, uint16_t, LOAD_BF16, load8_bf16)
+DEFINE_TRANSPOSE(transpose_f32, float, LOAD_F32, load8_f32, load16_f32)
+DEFINE_TRANSPOSE(transpose_bf16, uint16_t, LOAD_BF16, load8_bf16, load16_bf16)
 DEFINE_SDDMM(sddmm_range_f32, transpose_f32, float)
 DEFINE_SDDMM(sddmm_range_bf16, transpose_bf16, uint16_t)
 
@@ -253,15 +312,67 @@ static void *sddmm_part_run(void *arg)
     return NULL;
 }
 
-/* The whole SDDMM over tokens [0, T) on `threads` threads (at most 64): thread p takes tokens
- * [T*p/threads, T*(p+1)/threads) rounded down to multiples of 64. Part 0 runs on the caller and
- * writes `out`; part p > 0 runs on a thread started here (or on the caller, if it can't be
- * started) and writes partials[(p-1) * d_out * k ...], added to `out` in order p = 1, 2, ... at the
- * end, so the result is deterministic for a given thread count. scratch: threads *
- * neuroada_sddmm_scratch(d_in) floats. Starting the threads here, not from Python, keeps the
- * interpreter (and its lock) out of the hot path: a Python thread pool took ~0.3 ms per call to
- * get its worker going, a pthread takes ~0.02 ms. Safe to call from several threads at once as
- * long as each passes its own out, partials and scratch. */
+/* The OpenMP runtime torch already runs its ops on (libgomp's entry points, passed in by
+ * native.bind_openmp; NULL: none bound). A matmul leaves torch's worker threads spinning on the
+ * other cores for a while (GOMP_SPINCOUNT) waiting for the next parallel op: a thread started
+ * here then competes with them for a core, and on 2 cores a 2-thread SDDMM measured no faster
+ * than 1 thread (bench/bench_kernels.py). Handing the parts to that same team instead puts them
+ * on the threads that are waiting anyway, and starts no thread. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static gomp_parallel_fn gomp_parallel;
+static omp_int_fn omp_thread_num, omp_num_threads;
+
+void neuroada_sddmm_set_openmp(void *parallel, void *thread_num, void *num_threads)
+{
+    if (parallel && thread_num && num_threads) {
+        gomp_parallel = (gomp_parallel_fn)parallel;
+        omp_thread_num = (omp_int_fn)thread_num;
+        omp_num_threads = (omp_int_fn)num_threads;
+    } else {
+        gomp_parallel = 0;
+    }
+}
+
+typedef void (*part_fn)(void *arg, int part, int parts);
+typedef struct { part_fn fn; void *arg; int parts; } team_work;
+
+/* one member of the OpenMP team: parts tid, tid + team size, ... (the team may be smaller than
+ * asked for; what a part computes does not depend on who runs it) */
+static void team_run(void *arg)
+{
+    const team_work *w = (const team_work *)arg;
+    int step = omp_num_threads();
+    for (int p = omp_thread_num(); p < w->parts; p += step > 0 ? step : 1) w->fn(w->arg, p, w->parts);
+}
+
+/* fn(arg, p, parts) for p < parts: on the bound OpenMP team, else one after another on the
+ * caller. Returns whether a team ran them. (refresh.c uses it too.) */
+int neuroada_run_on_team(part_fn fn, void *arg, int parts)
+{
+    if (parts > 1 && gomp_parallel) {
+        team_work w = {fn, arg, parts};
+        gomp_parallel(team_run, &w, (unsigned)parts, 0);
+        return 1;
+    }
+    for (int p = 0; p < parts; p++) fn(arg, p, parts);
+    return 0;
+}
+
+static void sddmm_part_of(void *arg, int part, int parts)
+{
+    (void)parts;
+    sddmm_part_run(&((sddmm_part *)arg)[part]);
+}
+
+/* The whole SDDMM over tokens [0, T) in `threads` parts (at most 64): part p takes tokens
+ * [T*p/threads, T*(p+1)/threads) rounded down to multiples of 64. Part 0 writes `out`, part p > 0
+ * writes partials[(p-1) * d_out * k ...], added to `out` in order p = 1, 2, ... at the end, so the
+ * result is deterministic for a given part count, whichever thread ran which part. The parts run
+ * on the bound OpenMP team (above) or, without one, part 0 on the caller and the others on threads
+ * started here (~0.02 ms each; a Python thread pool took ~0.3 ms to get its worker going).
+ * scratch: threads * neuroada_sddmm_scratch(d_in) floats. Safe to call from several threads at
+ * once as long as each passes its own out, partials and scratch. */
 void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t ldx, const int32_t *idx,
                     int64_t d_out, int64_t d_in, int64_t k, int64_t T, int threads, float *out, float *partials,
                     float *scratch)
@@ -269,8 +380,6 @@ void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     sddmm_part parts[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     const int64_t n = d_out * k, per = neuroada_sddmm_scratch(d_in);
     for (int p = 0; p < threads; p++) {
         int64_t t0 = T * p / threads / 64 * 64, t1 = p + 1 < threads ? T * (p + 1) / threads / 64 * 64 : T;
@@ -278,13 +387,19 @@ void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t
                            p == 0 ? out : partials + (p - 1) * n, scratch + p * per};
         parts[p] = part;
     }
-    for (int p = 1; p < threads; p++) started[p] = pthread_create(&tids[p], NULL, sddmm_part_run, &parts[p]) == 0;
-    sddmm_part_run(&parts[0]);
-    for (int p = 1; p < threads; p++) {
-        if (started[p])
-            pthread_join(tids[p], NULL);
-        else
-            sddmm_part_run(&parts[p]);
+    if (threads > 1 && gomp_parallel) {
+        neuroada_run_on_team(sddmm_part_of, parts, threads);
+    } else {
+        pthread_t tids[MAX_THREADS];
+        int started[MAX_THREADS] = {0};
+        for (int p = 1; p < threads; p++) started[p] = pthread_create(&tids[p], NULL, sddmm_part_run, &parts[p]) == 0;
+        sddmm_part_run(&parts[0]);
+        for (int p = 1; p < threads; p++) {
+            if (started[p])
+                pthread_join(tids[p], NULL);
+            else
+                sddmm_part_run(&parts[p]);
+        }
     }
     for (int p = 1; p < threads; p++) {
         const float *src = parts[p].out;

@@ -146,4 +146,4 @@ DEFINE_KEEP(uint32_t, int32_t)
 DEFINE_SELECT(neuroada_select_u16, uint16_t, 15)
 DEFINE_SELECT(neuroada_select_u32, uint32_t, 31)
 
-int neuroada_abi_version(void) { return 7; } /* bump with any signature change */
+int neuroada_abi_version(void) { return 8; } /* bump with any signature change */
