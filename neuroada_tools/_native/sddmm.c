@@ -159,6 +159,26 @@ DEFINE_DOTS(dots_8, 8)
 DEFINE_DOTS(dots_4, 4)
 DEFINE_DOTS(dots_2, 2)
 DEFINE_DOTS(dots_1, 1)
+
+/* *o[q] += dot(g[q], xr[q]) for q < 8: eight dots of different output rows (the last few of each
+ * row, see row_dots) on independent chains, summed by the same tree as above, so a dot gives the
+ * same bits whichever group it falls in. */
+static inline void dots_8_pairs(const float *const *g, const float *const *xr, int tb, float *const *o)
+{
+    vecf acc[8];
+    for (int q = 0; q < 8; q++) acc[q] = VZERO();
+    for (int c = 0; c < tb; c += VLANES)
+        for (int q = 0; q < 8; q++) acc[q] = VFMA(VLOAD(g[q] + c), VLOAD(xr[q] + c), acc[q]);
+    __m256 h[8];
+    for (int q = 0; q < 8; q++) h[q] = VHALVES(acc[q]);
+    __m256 t0 = _mm256_hadd_ps(h[0], h[1]), t1 = _mm256_hadd_ps(h[2], h[3]);
+    __m256 t2 = _mm256_hadd_ps(h[4], h[5]), t3 = _mm256_hadd_ps(h[6], h[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    __m256 v = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    float sums[8];
+    _mm256_storeu_ps(sums, v);
+    for (int q = 0; q < 8; q++) *o[q] += sums[q];
+}
 #define HAVE_VECTOR_DOTS 1
 #endif
 
@@ -215,8 +235,43 @@ DEFINE_DOTS(dots_1, 1)
             for (int64_t c = 0; c < width; c++) memset(dst + c * tb + n, 0, (size_t)(tb - n) * sizeof(float)); \
     }
 
-/* out_row[j] += dot(gi, xT[row[j]]) for j < k: eight at a time, then 4, 2, 1 for the rest */
-static inline void row_dots(const float *gi, const float *xT, const int32_t *row, int64_t k, int tb, float *out_row)
+/* Dots of different rows waiting to fill a group of eight (k = 1 would otherwise pay a whole
+ * reduction tree per dot). */
+typedef struct {
+    const float *g[8], *x[8];
+    float *o[8];
+    int n;
+    float sink; /* where a flushed group's unused slots add their sums */
+} pending;
+
+#ifdef HAVE_VECTOR_DOTS
+static inline void pending_add(pending *p, const float *g, const float *x, float *o, int tb)
+{
+    p->g[p->n] = g, p->x[p->n] = x, p->o[p->n] = o;
+    if (++p->n == 8) {
+        dots_8_pairs(p->g, p->x, tb, p->o);
+        p->n = 0;
+    }
+}
+#endif
+
+/* the waiting dots, before the gT rows they read are overwritten */
+static inline void pending_flush(pending *p, int tb)
+{
+#ifdef HAVE_VECTOR_DOTS
+    if (p->n == 0) return;
+    for (int q = p->n; q < 8; q++) p->g[q] = p->g[0], p->x[q] = p->x[0], p->o[q] = &p->sink;
+    dots_8_pairs(p->g, p->x, tb, p->o);
+    p->n = 0;
+#else
+    (void)p, (void)tb;
+#endif
+}
+
+/* out_row[j] += dot(gi, xT[row[j]]) for j < k: eight at a time, then four; the last k % 4 wait
+ * in `pend` for dots of the next rows */
+static inline void row_dots(const float *gi, const float *xT, const int32_t *row, int64_t k, int tb, float *out_row,
+                            pending *pend)
 {
 #ifdef HAVE_VECTOR_DOTS
     const float *xr[8];
@@ -227,10 +282,10 @@ static inline void row_dots(const float *gi, const float *xT, const int32_t *row
     j += M;
     while (k - j >= 8) { DOTS_OF(8) }
     if (k - j >= 4) { DOTS_OF(4) }
-    if (k - j >= 2) { DOTS_OF(2) }
-    if (k - j >= 1) { DOTS_OF(1) }
 #undef DOTS_OF
+    for (; j < k; j++) pending_add(pend, gi, xT + (int64_t)row[j] * tb, out_row + j, tb);
 #else
+    (void)pend;
     for (int64_t j = 0; j < k; j++) out_row[j] += dot_tb(gi, xT + (int64_t)row[j] * tb, tb);
 #endif
 }
@@ -241,14 +296,21 @@ static int block_tokens(int64_t d_in) { return d_in <= 2048 ? 64 : d_in <= 4096 
 
 /* Pull the next token block of x and g towards the core while this block's dots run: a few
  * cache lines per output row, so the misses of the next transposes overlap with work. */
-typedef struct { const char *x, *g; int64_t ldx, ldg, xline, gline, nx, n, next; } prefetcher;
+typedef struct {
+    const char *row, *g;  /* the row being prefetched; where g's rows start */
+    int64_t ld, lines;    /* its row stride in bytes and 64-byte lines per row */
+    int64_t ldg, glines;  /* the same for g, taken over when x's rows are done */
+    int64_t line, left;   /* next line in the row; rows left in the current tensor (x, then g) */
+    int64_t gleft;        /* rows of g (0 once switched) */
+} prefetcher;
 static inline void prefetch_some(prefetcher *p, int64_t count)
 {
-    for (; count > 0 && p->next < p->n; count--, p->next++) {
-        int64_t q = p->next;
-        const char *addr = q < p->nx ? p->x + (q / p->xline) * p->ldx + (q % p->xline) * 64
-                                     : p->g + ((q - p->nx) / p->gline) * p->ldg + ((q - p->nx) % p->gline) * 64;
-        __builtin_prefetch(addr, 0, 3);
+    for (; count > 0 && p->left > 0; count--) {
+        __builtin_prefetch(p->row + p->line * 64, 0, 3);
+        if (++p->line < p->lines) continue;
+        p->line = 0, p->row += p->ld;
+        if (--p->left == 0 && p->gleft > 0)
+            p->row = p->g, p->ld = p->ldg, p->lines = p->glines, p->left = p->gleft, p->gleft = 0;
     }
 }
 
@@ -258,23 +320,26 @@ static inline void prefetch_some(prefetcher *p, int64_t count)
     {                                                                                                 \
         const int tb = block_tokens(d_in);                                                            \
         float *xT = scratch, *gT = scratch + d_in * TB_MAX;                                           \
+        pending pend;                                                                                 \
+        pend.n = 0;                                                                                   \
         memset(out, 0, (size_t)(d_out * k) * sizeof(float));                                          \
         for (int64_t b = t0; b < t1; b += tb) {                                                       \
             int n = (int)((t1 - b) < tb ? (t1 - b) : tb);                                             \
             int64_t nn = t1 - (b + tb) < tb ? t1 - (b + tb) : tb; /* tokens of the next block */     \
             prefetcher pf = {(const char *)(x + (b + tb) * ldx), (const char *)(g + (b + tb) * ldg),   \
-                             ldx * (int64_t)sizeof(T_), ldg * (int64_t)sizeof(T_),                    \
-                             (d_in * (int64_t)sizeof(T_) + 63) / 64, (d_out * (int64_t)sizeof(T_) + 63) / 64, 0, 0, 0}; \
-            if (nn > 0) { pf.nx = nn * pf.xline; pf.n = pf.nx + nn * pf.gline; }                        \
-            int64_t per_row = (pf.n + d_out - 1) / d_out;                                             \
+                             ldx * (int64_t)sizeof(T_), (d_in * (int64_t)sizeof(T_) + 63) / 64,       \
+                             ldg * (int64_t)sizeof(T_), (d_out * (int64_t)sizeof(T_) + 63) / 64,      \
+                             0, nn > 0 ? nn : 0, nn > 0 ? nn : 0};                                    \
+            int64_t per_row = (pf.left * (pf.lines + pf.glines) + d_out - 1) / d_out;                  \
             TRANSPOSE(x + b * ldx, ldx, d_in, n, tb, xT);                                             \
             for (int64_t i0 = 0; i0 < d_out; i0 += ROWS) {                                            \
                 int64_t rows = d_out - i0 < ROWS ? d_out - i0 : ROWS;                                 \
                 TRANSPOSE(g + b * ldg + i0, ldg, rows, n, tb, gT);                                    \
                 for (int64_t i = 0; i < rows; i++) {                                                  \
                     prefetch_some(&pf, per_row);                                                      \
-                    row_dots(gT + i * tb, xT, idx + (i0 + i) * k, k, tb, out + (i0 + i) * k);         \
+                    row_dots(gT + i * tb, xT, idx + (i0 + i) * k, k, tb, out + (i0 + i) * k, &pend);  \
                 }                                                                                     \
+                pending_flush(&pend, tb);                                                             \
             }                                                                                         \
         }                                                                                             \
     }
