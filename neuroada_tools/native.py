@@ -140,6 +140,8 @@ def _load() -> ctypes.CDLL | None:
 
 def kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, or None where it can't be built (then callers use torch)."""
+    if "lib" in _state:  # loaded (the bypass asks on every forward: no lock once it is there)
+        return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _load()
@@ -232,9 +234,11 @@ def shorten_openmp_spin() -> None:
     """Default ``GOMP_SPINCOUNT`` to 10000 when torch is not imported yet.
 
     torch's OpenMP worker threads (libgomp) spin for up to ~1 ms after every parallel op by
-    default, holding the cores that the next op (a kernel here, or any Python-thread work) needs;
-    the shorter spin costs torch's own ops nothing measurable (BENCHMARKS.md). Only a default: an
-    exported ``GOMP_SPINCOUNT`` wins, and libgomp reads it once, when torch is first imported.
+    default, holding the cores that work on other threads (the selection's Python pool above)
+    needs; the shorter spin costs torch's own ops nothing measurable (BENCHMARKS.md). The SDDMM
+    and the refresh no longer depend on it: they run on that same team (``bind_openmp``), and one
+    layer measured the same with either spin. Only a default: an exported ``GOMP_SPINCOUNT`` wins,
+    and libgomp reads it once, when torch is first imported.
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")

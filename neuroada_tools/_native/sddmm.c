@@ -4,15 +4,18 @@
  *
  * g: [T, d_out] (row stride ldg), x: [T, d_in] (row stride ldx), both fp32 or both bf16;
  * idx: int32 [d_out, k]; out: fp32 [d_out, k], overwritten with this token range's sums.
- * neuroada_sddmm (at the end) splits the tokens over threads, each with its own partial sums,
- * added in a fixed order (so the result is deterministic for a given thread count).
+ * neuroada_sddmm (at the end) splits the tokens into parts, run on torch's OpenMP team where one
+ * is bound (else on threads started per call), each with its own partial sums, added in a fixed
+ * order (so the result is deterministic for a given thread count).
  *
  * Tokens go by blocks of tb (16-64, so that xT fits a core's L2). For each block, x is transposed
  * once into xT [d_in, tb] and g, 256 output rows at a time, into gT [256, tb] (fp32; bf16 is
- * widened on the way); then each row gT[i] is dotted with the k rows xT[idx[i, j]]: with AVX2
- * (8 lanes) or AVX-512 (16 lanes), eight dots at a time on independent FMA chains (then four, two,
- * one for the rest of the row, so k = 1 costs one dot, not eight) and one horizontal-add tree per
- * group; without, 16-lane partial sums the compiler vectorises. While a block's dots run, the
+ * widened on the way; 16x16 register tiles with AVX-512, 8x8 with AVX2); then each row gT[i] is
+ * dotted with the k rows xT[idx[i, j]]: with AVX2 (8 lanes) or AVX-512 (16 lanes), eight dots at a
+ * time on independent FMA chains (then four; the last k % 4 of a row wait to make a group of eight
+ * with the next rows', so k = 1 costs one dot, not eight, and an eighth of a reduction tree) and
+ * one horizontal-add tree per group; without, 16-lane partial sums the compiler vectorises. While
+ * a block's dots run, the
  * next block's rows of x and g are prefetched (rows are often exactly a 4 KiB page apart, where
  * the hardware prefetcher stops). Nothing of size T x d_out or d_out x d_in is ever formed.
  *
