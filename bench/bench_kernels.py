@@ -59,21 +59,25 @@ def median_ms(fns: dict, reps: int, before=None) -> dict[str, float]:
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
+_TEAM: list = []  # the OpenMP entry points the kernel is bound to (found once: finding them takes ~1 ms)
+
+
 def with_backend(backend: str, threads: int, g, x, idx, team: bool = True):
     """bypass.sddmm with ``backend`` on ``threads`` threads; ``team=False``: the compiled kernel
-    unbound from torch's OpenMP team (threads started per call)."""
+    unbound from torch's OpenMP team (threads started per call), bound again after the call."""
     def run():
         old, bypass.SDDMM_BACKEND = bypass.SDDMM_BACKEND, backend
         torch.set_num_threads(threads)
+        lib = native.kernel()
         if not team:
-            native.bind_openmp(native.kernel(), None)
+            lib.neuroada_sddmm_set_openmp(None, None, None)
         try:
             bypass.sddmm(g, x, idx)
         finally:
             bypass.SDDMM_BACKEND = old
             torch.set_num_threads(2)
             if not team:
-                native.bind_openmp(native.kernel())
+                lib.neuroada_sddmm_set_openmp(*_TEAM)
     return run
 
 
@@ -102,6 +106,8 @@ def main() -> None:
           "| native, 1 thread | sampled_addmm | columns |")
     print("|---|---|---|---|---|---|---|---|")
     native.sddmm_kernel()  # binds to torch's OpenMP team
+    runtime = native._loaded_openmp_runtime()
+    _TEAM[:] = native.openmp_entry_points(runtime) if native.openmp_bound() and runtime else [None, None, None]
     if not native.openmp_bound():
         print("(torch does not run on an OpenMP runtime here: both native columns start their threads)\n")
     g0 = torch.Generator().manual_seed(0)

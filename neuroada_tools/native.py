@@ -181,16 +181,20 @@ def bind_openmp(lib: ctypes.CDLL, runtime: str | None = "auto") -> bool:
         import torch  # the caller has it loaded already
 
         path = _loaded_openmp_runtime() if "OpenMP" in torch.__config__.parallel_info() else None
-    entry = [None, None, None]
-    if path is not None:
-        try:
-            omp = ctypes.CDLL(path)  # already loaded: the same handle, the same team
-            entry = [ctypes.cast(getattr(omp, name), ctypes.c_void_p).value
-                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
-        except (OSError, AttributeError):
-            entry = [None, None, None]
+    entry = openmp_entry_points(path) if path is not None else [None, None, None]
     lib.neuroada_sddmm_set_openmp(*entry)
     return entry[0] is not None
+
+
+def openmp_entry_points(path: str) -> list[int | None]:
+    """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in the
+    OpenMP runtime at ``path`` (what ``neuroada_sddmm_set_openmp`` takes), or three Nones."""
+    try:
+        omp = ctypes.CDLL(path)  # already loaded: the same handle, the same team
+        return [ctypes.cast(getattr(omp, name), ctypes.c_void_p).value
+                for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+    except (OSError, AttributeError):
+        return [None, None, None]
 
 
 def openmp_bound() -> bool:
