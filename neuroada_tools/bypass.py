@@ -297,12 +297,13 @@ class _BypassMixin:
     def _neuroada_refresh(self) -> None:
         """Write ``cast(fp32(W0_sel) + delta)`` (fp64 for an fp64 base) at the selected positions.
 
-        On CPU with an fp32 or bf16 base and at most ``_NATIVE_REFRESH_MAX`` entries, the compiled
-        kernel (``_native/refresh.c``) does it: one pass over the d_out*k entries with the lines it
-        writes prefetched a few rows ahead, no temporaries, no OpenMP wake-up, the same bits as the
-        torch expression below. ``python bench/bench_kernels.py``: ~2x faster than ``scatter_`` at
-        1024x1024 (k=1 and 20) and 4096x11008 k=1; no faster at 4096x4096 k=20 (81920 entries) and
-        slower at 4096x11008 k=20 (220160), where torch's two threads win: those take torch.
+        On CPU with an fp32 or bf16 base, the compiled kernel (``_native/refresh.c``) does it: one
+        pass over the d_out*k entries with the lines it writes prefetched a few rows ahead, no
+        temporaries, the same bits as the torch expression below, its rows split over torch's
+        OpenMP team (``native.bind_openmp``) from 8192 entries on. ``python bench/bench_kernels.py``:
+        1.5-3.8x faster than ``scatter_`` at every shape measured. Without a team (torch not on
+        OpenMP) it runs on one core, and refreshes of over ``_NATIVE_REFRESH_MAX`` entries take
+        torch, whose two threads win there.
 
         On CPU with the compiled kernels, the refresh is skipped when ``W`` already holds the
         values for the delta as it is now: same weight storage, no in-place write to it since (its
