@@ -268,6 +268,10 @@ def test_refresh_skipped_only_while_weight_and_delta_are_unchanged(kind):
     model(x)
     assert float(layer._neuroada_logical(layer.weight)[1, layer.neuroada_idx[1, 2]]) == pytest.approx(
         float(layer.neuroada_w0[1, 2]) + 0.25)
+    delta.data = delta.data + 0.5  # a new storage for the delta: the kept record must not be trusted
+    model(x)
+    assert float(layer._neuroada_logical(layer.weight)[1, layer.neuroada_idx[1, 2]]) == pytest.approx(
+        float(layer.neuroada_w0[1, 2]) + 0.75)
     with torch.no_grad():
         layer._neuroada_logical(layer.weight).fill_(3.0)  # an in-place write to W (version bump)
     model(x)
