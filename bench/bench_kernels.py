@@ -100,12 +100,12 @@ def main() -> None:
     if lib is None:
         raise SystemExit("no C compiler: nothing to compare")
     native._state["lib"] = lib
+    native._state["openmp"] = native.bind_openmp(lib)  # what kernel() does when it loads the library
 
     print("SDDMM alone, ms (median of interleaved repetitions, each after a `g @ W` as in a backward):\n")
     print("| d_in→d_out | T | k | native, 2 threads (torch's OpenMP team) | native, 2 threads started per call "
           "| native, 1 thread | sampled_addmm | columns |")
     print("|---|---|---|---|---|---|---|---|")
-    native.sddmm_kernel()  # binds to torch's OpenMP team
     runtime = native._loaded_openmp_runtime()
     _TEAM[:] = native.openmp_entry_points(runtime) if native.openmp_bound() and runtime else [None, None, None]
     if not native.openmp_bound():

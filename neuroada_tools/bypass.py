@@ -55,6 +55,7 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,7 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     device_type = g.device.type
     backend = SDDMM_BACKEND
     if backend in ("auto", "native") and device_type == "cpu" and g.dtype == x.dtype and x.dtype in _NATIVE_DTYPES:
-        lib = native.sddmm_kernel()
+        lib = native.kernel()
         if lib is not None and T > 0:
             return _sddmm_native(lib, g, x, idx)
     if backend == "native":
@@ -266,6 +267,18 @@ class _FusedBypass(torch.autograd.Function):
 _set_attr = object.__setattr__  # for plain (non-tensor, non-module) attributes: skips nn.Module.__setattr__'s checks
 
 
+class _Written(NamedTuple):
+    """The last refresh on CPU with the kernels (``_BypassMixin._neuroada_written``)."""
+
+    kept: torch.Tensor  # a copy of the delta's bits as written
+    lib: object  # the kernel library (its compare)
+    kept_ptr: int
+    delta_ptr: int
+    w_ptr: int
+    w_version: int  # W's version counter after the write
+    write: tuple | None  # the kernel call made, (function, arguments), or None where torch wrote
+
+
 class _BypassMixin:
     """Mixed into a dynamic subclass of ``nn.Linear`` / ``Conv1D`` by ``attach``."""
 
@@ -277,10 +290,8 @@ class _BypassMixin:
     neuroada_mode: str
     neuroada_layout: str
     _neuroada_dirty: bool  # W holds W0_sel + delta at the selected positions (else the base)
-    # last refresh on CPU with the kernels: (delta copy, kernel library, the copy's and the delta's
-    # data_ptr, W's data_ptr, W's version, the refresh kernel call made: (function, arguments) or
-    # None where torch wrote); any move, load or restore of the tensors resets it to None
-    _neuroada_written: tuple | None
+    # the last refresh on CPU with the kernels; any move, load or restore of the tensors resets it
+    _neuroada_written: _Written | None
     _neuroada_base_cls: type
 
     def _neuroada_shape(self) -> tuple[int, int]:
@@ -331,18 +342,18 @@ class _BypassMixin:
                     if write is not None:  # the same tensors as last time: the same kernel call
                         write[0](*write[1])
                         torch.autograd.graph.increment_version(w)
-                        _set_attr(self, "_neuroada_written", rec[:5] + (w._version, write))
+                        _set_attr(self, "_neuroada_written", _Written(*rec[:5], w._version, write))
                         return
             else:
                 kept = None
-        if kept is None and w.device.type == "cpu" and delta.dtype == torch.float32 and delta.is_contiguous():
-            if native.kernel() is not None:
-                kept = delta.detach().clone()
+        cpu_lib = native.kernel() if w.device.type == "cpu" else None
+        fp32_delta = delta.dtype == torch.float32 and delta.is_contiguous()
+        if kept is None and cpu_lib is not None and fp32_delta:
+            kept = delta.detach().clone()
         native_ok = (
-            w.device.type == "cpu" and w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype
-            and delta.dtype == torch.float32 and delta.is_contiguous() and w0.is_contiguous() and idx.is_contiguous()
+            w0.dtype in _NATIVE_DTYPES and w.dtype == w0.dtype and fp32_delta and w0.is_contiguous() and idx.is_contiguous()
         )
-        lib = native.sddmm_kernel() if native_ok else None
+        lib = cpu_lib if native_ok else None
         parts = 1
         if lib is not None:
             if native.openmp_bound():
@@ -362,9 +373,9 @@ class _BypassMixin:
             with torch.no_grad():
                 self._neuroada_write((w0.to(acc) + delta.detach().to(acc)).to(w0.dtype))
         _set_attr(self, "_neuroada_dirty", True)
-        if kept is not None:
+        if kept is not None and cpu_lib is not None:
             _set_attr(self, "_neuroada_written",
-                      (kept, native.kernel(), kept.data_ptr(), delta.data_ptr(), w.data_ptr(), w._version, write))
+                      _Written(kept, cpu_lib, kept.data_ptr(), delta.data_ptr(), w.data_ptr(), w._version, write))
 
     def _neuroada_restore(self) -> None:
         """Write the base values back; the weight is then the base bit for bit."""

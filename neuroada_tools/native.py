@@ -139,12 +139,17 @@ def _load() -> ctypes.CDLL | None:
 
 
 def kernel() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None where it can't be built (then callers use torch)."""
+    """The loaded kernel library, or None where it can't be built (then callers use torch).
+
+    On first use with torch imported (every caller in this package imports it), the library is
+    also bound to torch's OpenMP team (``bind_openmp``; ``openmp_bound`` tells)."""
     if "lib" in _state:  # loaded (the bypass asks on every forward: no lock once it is there)
         return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" not in _state:
-            _state["lib"] = _load()
+            lib = _load()
+            _state["openmp"] = lib is not None and "torch" in sys.modules and bind_openmp(lib)
+            _state["lib"] = lib
         return _state["lib"]  # type: ignore[return-value]
 
 
@@ -158,10 +163,10 @@ def _loaded_openmp_runtime() -> str | None:
     (``/proc/self/maps``)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+            paths = {line.split()[-1] for line in f if "/" in line}  # mapped files: the last field
     except OSError:
         return None
-    found = sorted(p for p in paths if os.path.basename(p).startswith(_OPENMP_NAMES) and p.startswith("/"))
+    found = sorted(p for p in paths if p.startswith("/") and os.path.basename(p).startswith(_OPENMP_NAMES))
     found.sort(key=lambda p: f"{os.sep}torch{os.sep}" not in p)  # torch's bundled runtime first (a stable sort)
     return found[0] if found else None
 
@@ -198,18 +203,8 @@ def openmp_entry_points(path: str) -> list[int | None]:
 
 
 def openmp_bound() -> bool:
-    """Whether ``sddmm_kernel`` bound the kernel library to torch's OpenMP team."""
+    """Whether ``kernel()`` bound the kernel library to torch's OpenMP team when it loaded it."""
     return bool(_state.get("openmp"))
-
-
-def sddmm_kernel() -> ctypes.CDLL | None:
-    """``kernel()``, bound once to torch's OpenMP team (``bind_openmp``); for the bypass."""
-    lib = kernel()
-    if lib is not None and "openmp" not in _state:
-        with _lock:
-            if "openmp" not in _state:
-                _state["openmp"] = bind_openmp(lib)
-    return lib
 
 
 # ---------------------------------------------------------------- running kernels on threads

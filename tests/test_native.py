@@ -222,7 +222,7 @@ def test_native_sddmm_thread_split(threads, monkeypatch, sddmm_lib):
 @pytest.fixture(params=["openmp team", "threads started per call"])
 def sddmm_lib(request):
     """The kernel library, bound to torch's OpenMP team or not (restored afterwards)."""
-    lib = native.sddmm_kernel()
+    lib = native.kernel()
     if lib is None:
         pytest.skip("kernel unavailable")
     if request.param == "openmp team" and not native.openmp_bound():
@@ -238,7 +238,7 @@ def test_sddmm_binds_to_torchs_openmp_team():
     runtime in the process and binds to it; unbinding and binding again work."""
     if "OpenMP" not in torch.__config__.parallel_info() or not native._loaded_openmp_runtime():
         pytest.skip("torch does not run on an OpenMP runtime here")
-    lib = native.sddmm_kernel()
+    lib = native.kernel()
     if lib is None:
         pytest.skip("kernel unavailable")
     assert native.openmp_bound()
@@ -251,10 +251,12 @@ def test_sddmm_binds_to_torchs_openmp_team():
 @pytest.mark.parametrize("threads", [2, 3])
 def test_openmp_team_and_started_threads_give_the_same_bits(threads, monkeypatch):
     """The parts and their summing order depend only on the part count, not on who runs them."""
-    lib = native.sddmm_kernel()
+    lib = native.kernel()
     if lib is None or not native.openmp_bound():
         pytest.skip("no OpenMP team to compare with")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # the same part count on both paths
+    monkeypatch.setattr(bypass, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(threads)
     g = torch.randn(700, 50, generator=g0)
     x = torch.randn(700, 90, generator=g0)

@@ -11,8 +11,8 @@
  * The d_out * k writes land all over the weight, which the previous layers' work has pushed out
  * of cache: each row prefetches the lines it will write PF_ROWS rows later, so the misses overlap
  * instead of queueing. `parts` > 1 splits the rows over torch's OpenMP team (sddmm.c) where one
- * is bound, so each core keeps its own misses in flight; without a team the parts run one after
- * another on the caller (bench/bench_kernels.py compares it with torch's scatter_).
+ * is bound, so each core keeps its own misses in flight; without a team it is one pass on the
+ * caller (bench/bench_kernels.py compares both with torch's scatter_).
  *
  * Worked example (d_out = 2, d_in = 3, k = 1, fp32, rs = 3, cs = 1): w = [1, 2, 3, 4, 5, 6],
  * idx = [[2], [0]], w0 = [[3], [4]], delta = [[0.5], [-1]] -> w = [1, 2, 3.5, 3, 5, 6].
@@ -41,7 +41,7 @@ static inline uint16_t f32_to_bf16_bits(float f)
 #define AS_BF16(v) f32_to_bf16_bits(v)
 #define FROM_BF16(v) bf16_bits_to_f32(v)
 
-/* sddmm.c: fn(arg, p, parts) for p < parts on torch's OpenMP team where one is bound */
+/* sddmm.c: fn(arg, p, parts) for p < parts on torch's OpenMP team; 0 (nothing run) without one */
 int neuroada_run_on_team(void (*fn)(void *, int, int), void *arg, int parts);
 
 typedef struct {
@@ -77,8 +77,8 @@ typedef struct {
               int64_t d_out, int64_t k, int parts)                                                    \
     {                                                                                                 \
         refresh_args a = {w, rs, cs, idx, w0, delta, d_out, k};                                       \
-        if (parts < 1 || parts > d_out) parts = 1;                                                    \
-        neuroada_run_on_team(NAME##_rows, &a, parts);                                                 \
+        if (parts <= 1 || parts > d_out || !neuroada_run_on_team(NAME##_rows, &a, parts))             \
+            NAME##_rows(&a, 0, 1);                                                                    \
     }
 
 DEFINE_REFRESH(neuroada_refresh_f32, float, AS_F32, AS_F32)

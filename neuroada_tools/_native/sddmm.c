@@ -414,17 +414,15 @@ static void team_run(void *arg)
     for (int p = omp_thread_num(); p < w->parts; p += step > 0 ? step : 1) w->fn(w->arg, p, w->parts);
 }
 
-/* fn(arg, p, parts) for p < parts: on the bound OpenMP team, else one after another on the
- * caller. Returns whether a team ran them. (refresh.c uses it too.) */
+/* fn(arg, p, parts) for p < parts on the bound OpenMP team; returns 1, or 0 without running
+ * anything when no team is bound (the caller then does the work its own way). refresh.c uses it
+ * too. */
 int neuroada_run_on_team(part_fn fn, void *arg, int parts)
 {
-    if (parts > 1 && gomp_parallel) {
-        team_work w = {fn, arg, parts};
-        gomp_parallel(team_run, &w, (unsigned)parts, 0);
-        return 1;
-    }
-    for (int p = 0; p < parts; p++) fn(arg, p, parts);
-    return 0;
+    if (!gomp_parallel) return 0;
+    team_work w = {fn, arg, parts};
+    gomp_parallel(team_run, &w, (unsigned)parts, 0);
+    return 1;
 }
 
 static void sddmm_part_of(void *arg, int part, int parts)
@@ -455,9 +453,7 @@ void neuroada_sddmm(int bf16, const void *g, int64_t ldg, const void *x, int64_t
                            p == 0 ? out : partials + (p - 1) * n, scratch + p * per};
         parts[p] = part;
     }
-    if (threads > 1 && gomp_parallel) {
-        neuroada_run_on_team(sddmm_part_of, parts, threads);
-    } else {
+    if (threads == 1 || !neuroada_run_on_team(sddmm_part_of, parts, threads)) {
         pthread_t tids[MAX_THREADS];
         int started[MAX_THREADS] = {0};
         for (int p = 1; p < threads; p++) started[p] = pthread_create(&tids[p], NULL, sddmm_part_run, &parts[p]) == 0;
