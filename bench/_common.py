@@ -25,7 +25,7 @@ def build_llama7b_shapes(folder: Path, layers: int) -> None:
     """A Llama checkpoint with LLaMA-7B shapes and random bf16 values (cached; ~0.47 GB per block + 0.5 GB)."""
     import torch
 
-    from neuroada_tools.safetensors_io import StreamingWriter
+    from neuroada_tools.io.safetensors_file import StreamingWriter
 
     if (folder / "model.safetensors").exists():
         return

@@ -40,7 +40,7 @@ from pathlib import Path
 import warnings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neuroada_tools.native import shorten_openmp_spin  # noqa: E402
+from neuroada_tools.kernels.native import shorten_openmp_spin  # noqa: E402
 
 shorten_openmp_spin()  # as the CLI does, before torch is imported; applies to every method alike
 
@@ -48,9 +48,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from neuroada_tools.bypass import attach, count_trainable  # noqa: E402
-from neuroada_tools.select import select  # noqa: E402
-from neuroada_tools.sidecar import IndexSidecar, TensorEntry  # noqa: E402
+from neuroada_tools.train.bypass import attach, count_trainable  # noqa: E402
+from neuroada_tools.index.criteria import select  # noqa: E402
+from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry  # noqa: E402
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' gradient-checkpointing renames

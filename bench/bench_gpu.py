@@ -34,9 +34,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neuroada_tools import bypass  # noqa: E402
-from neuroada_tools.select import select  # noqa: E402
-from neuroada_tools.sidecar import IndexSidecar, TensorEntry  # noqa: E402
+from neuroada_tools.train import bypass  # noqa: E402
+from neuroada_tools.index.criteria import select  # noqa: E402
+from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry  # noqa: E402
 
 
 def timer(device: torch.device):

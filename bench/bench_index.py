@@ -6,7 +6,7 @@ and measures, side by side in one run, each method in its own subprocess (so pea
 repetitions interleaved, page cache warm:
 
 - read:  read every byte of the checkpoint files into a reused buffer;
-- index (first run): ``neuroada_tools.index.run_index`` (what the CLI runs) with the architecture's
+- index (first run): ``neuroada_tools.index.build.run_index`` (what the CLI runs) with the architecture's
   target list not yet cached, so it imports the transformers modeling code and builds the meta model;
 - index (cached): the same with the target list cached (every later run on this architecture);
 - naive: ``LlamaForCausalLM.from_pretrained`` then ``W.float().abs().topk(k)`` per target weight.
@@ -56,7 +56,7 @@ elif method in ("index-cold", "index"):
     import shutil, os
     if method == "index-cold":
         shutil.rmtree(Path(os.environ["NEUROADA_CACHE_DIR"]) / "targets", ignore_errors=True)
-    from neuroada_tools.index import run_index
+    from neuroada_tools.index.build import run_index
     out = Path(folder) / "bench.index.safetensors.out"
     run_index(folder, k, out, force=True)
     out.unlink()
@@ -91,8 +91,8 @@ def main() -> None:
     folder = a.dir / f"llama7b-shapes-{a.layers}L"
     build(folder, a.layers)
     sys.path.insert(0, str(ROOT))
-    from neuroada_tools.checkpoint import open_checkpoint
-    from neuroada_tools.targets import resolve_targets
+    from neuroada_tools.io.checkpoint import open_checkpoint
+    from neuroada_tools.index.targets import resolve_targets
 
     ckpt = open_checkpoint(folder)
     total = ckpt.total_bytes

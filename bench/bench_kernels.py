@@ -5,14 +5,14 @@ and one layer with only frozen / NeuroAda / LoRA interleaved.
     GOMP_SPINCOUNT=300000 python bench/bench_kernels.py  # libgomp's default spin, for comparison
     python bench/bench_kernels.py --shape 1024,1024,2048  # one layer shape only
 
-1. Building ``_native/*.c`` into an empty cache folder (what a first use costs).
+1. Building ``kernels/csrc/*.c`` into an empty cache folder (what a first use costs).
 2. ``bypass.sddmm`` alone on the layer shapes of ``bench_bypass.py`` (and any ``--shape``): the
    compiled kernel on 2 threads of torch's OpenMP team, on 2 threads it starts itself (unbound,
    ``native.bind_openmp(lib, None)``) and on 1 thread, ``torch.sparse.sampled_addmm`` and the
    per-column gather (``SDDMM_BACKEND``); each
    repetition runs a frozen layer's backward matmul (``g @ W``) first, as inside a backward pass,
    so torch's OpenMP threads are in the state they are in there.
-3. The per-forward refresh alone: ``_native/refresh.c`` with its rows split in two parts on torch's
+3. The per-forward refresh alone: ``kernels/csrc/refresh.c`` with its rows split in two parts on torch's
    OpenMP team and in one part, against torch's ``scatter_``.
 4. One layer forward + backward with only frozen, NeuroAda and LoRA at matched parameters
    interleaved (``bench_bypass.layer_methods``; the full table interleaves six methods).
@@ -32,14 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from neuroada_tools import native  # noqa: E402
+from neuroada_tools.kernels import native  # noqa: E402
 
 native.shorten_openmp_spin()  # as the CLI does (an exported GOMP_SPINCOUNT wins)
 
 import torch  # noqa: E402
 
-from neuroada_tools import bypass  # noqa: E402
-from neuroada_tools.select import select  # noqa: E402
+from neuroada_tools.train import bypass  # noqa: E402
+from neuroada_tools.index.criteria import select  # noqa: E402
 
 SHAPES = [(4096, 4096, 512), (4096, 11008, 512), (1024, 1024, 2048)]  # d_in, d_out, T
 
@@ -96,7 +96,7 @@ def main() -> None:
         os.environ["NEUROADA_CACHE_DIR"] = d
         t = time.perf_counter()
         lib = native._load()
-        print(f"build of _native/*.c into an empty cache: {time.perf_counter() - t:.2f} s\n")
+        print(f"build of kernels/csrc/*.c into an empty cache: {time.perf_counter() - t:.2f} s\n")
     if lib is None:
         raise SystemExit("no C compiler: nothing to compare")
     native._state["lib"] = lib

@@ -5,7 +5,7 @@ k=20 and a random fp32 delta. Each method runs in its own subprocess (own peak R
 interleaved, page cache warm, outputs written to the same disk:
 
 - copy:  ``shutil.copyfile`` of every checkpoint file (the floor for writing the same bytes);
-- merge: ``neuroada_tools.merge.merge_to_folder`` (streams, verifies fingerprints, merges,
+- merge: ``neuroada_tools.export.merge.merge_to_folder`` (streams, verifies fingerprints, merges,
   writes, fsyncs), without the parity check.
 
     python bench/bench_merge.py            # 6 blocks, 2.9 GB, 3 reps
@@ -35,7 +35,7 @@ def hwm():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
 import torch  # merge itself needs no transformers (no task head here): import only what it uses
-from neuroada_tools.merge import merge_to_folder
+from neuroada_tools.export.merge import merge_to_folder
 base = hwm()
 shutil.rmtree(out, ignore_errors=True)
 t0 = time.perf_counter()
@@ -69,9 +69,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from neuroada_tools.checkpoint import open_checkpoint
-    from neuroada_tools.index import run_index
-    from neuroada_tools.sidecar import DeltaSidecar, read_index, write_delta
+    from neuroada_tools.io.checkpoint import open_checkpoint
+    from neuroada_tools.index.build import run_index
+    from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
 
     index_path = a.dir / f"llama7b-{a.layers}L.k20.index.safetensors"
     delta_path = a.dir / f"llama7b-{a.layers}L.k20.delta.safetensors"

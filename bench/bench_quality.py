@@ -11,13 +11,13 @@ Tasks
 - ``arc``: ARC-Easy with ``AutoModelForMultipleChoice``: one ``[CLS] question [SEP] option [SEP]``
   encoding per option, a linear scorer on the pooled ``[CLS]``, softmax over the options. Rows with 3
   or 5 options are padded to the batch maximum and the padded options masked to ``-inf``
-  (``choice_mask`` from ``neuroada_tools.data.collate``).
+  (``choice_mask`` from ``neuroada_tools.train.data.collate``).
 
 Methods (targets, for every adapter: the 36 Linear weights of the 6 blocks, query/key/value/
 attention.output.dense/intermediate.dense/output.dense; the task head ``classifier`` is trained
 densely beside every adapter, as NeuroAda does for classification)
-- ``neuroada-k{1,4,16}``: ``neuroada_tools.index.build_index`` (k largest-|W| inputs per output
-  neuron) + ``neuroada_tools.bypass.attach`` (fused mode).
+- ``neuroada-k{1,4,16}``: ``neuroada_tools.index.build.build_index`` (k largest-|W| inputs per output
+  neuron) + ``neuroada_tools.train.bypass.attach`` (fused mode).
 - ``lora-r{r}``: ``peft`` LoRA, r matched to NeuroAda's count, ``r = max(1, round(k * sum(d_out) /
   sum(d_in + d_out)))`` (r=1, 2, 8 for MiniLM; r=1 is twice the k=1 budget, the smallest LoRA there is),
   ``lora_alpha = 2r``, no dropout.
@@ -201,7 +201,7 @@ def _split(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
 
 
 def load_task(task: str, data_dir: Path, tokenizer, s: TaskSettings, with_test: bool = True) -> TaskData:
-    from neuroada_tools.data import build_classification_examples, build_multiple_choice_examples, read_records
+    from neuroada_tools.train.data import build_classification_examples, build_multiple_choice_examples, read_records
 
     folder = data_dir / TASK_FOLDER[task]
     train_path, test_path = folder / "train.json", folder / "test.json"
@@ -310,14 +310,14 @@ class Context:
 
     def index(self, k: int):
         if k not in self._index:
-            from neuroada_tools.index import build_index
+            from neuroada_tools.index.build import build_index
 
             self._index[k] = build_index(self.model_dir, k)
         return self._index[k]
 
 
 def _load(ctx: Context, task: str):
-    from neuroada_tools.tasks import load_model, task_config
+    from neuroada_tools.hf import load_model, task_config
 
     kind = TASK_KIND[task]
     cfg = task_config(ctx.model_dir, kind, num_labels=2 if task == "boolq" else None)
@@ -341,7 +341,7 @@ def build_method(ctx: Context, task: str, method: Method, seed: int):
         for p in raw.parameters():
             p.requires_grad_(False)
     elif method.kind == "neuroada":
-        from neuroada_tools.bypass import attach
+        from neuroada_tools.train.bypass import attach
 
         deltas = attach(raw, ctx.index(method.k))
         info["adapted"] = len(deltas)
@@ -398,7 +398,7 @@ def train_run(ctx, model, params, data: TaskData, task: str, s: TaskSettings, lr
     import torch
     import torch.nn.functional as F
 
-    from neuroada_tools.data import collate
+    from neuroada_tools.train.data import collate
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, round(WARMUP_RATIO * s.steps))
@@ -436,7 +436,7 @@ def evaluate(ctx, model, examples: list, task: str, eval_batch: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from neuroada_tools.data import collate
+    from neuroada_tools.train.data import collate
 
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: length_of(examples[i]))
@@ -467,7 +467,7 @@ def memory_probe(ctx: Context, data: TaskData, task: str, method: Method, s: Tas
     import torch
     import torch.nn.functional as F
 
-    from neuroada_tools.data import collate
+    from neuroada_tools.train.data import collate
 
     model, params, _ = build_method(ctx, task, method, 0)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -501,7 +501,7 @@ def interleaved_step_ms(ctx, data: TaskData, task: str, methods: list[Method], s
     import torch
     import torch.nn.functional as F
 
-    from neuroada_tools.data import collate
+    from neuroada_tools.train.data import collate
 
     built = []
     for m in methods:
@@ -535,8 +535,8 @@ def gradient_share(ctx, data: TaskData, task: str, s: TaskSettings, ks=(1, 4, 16
     import torch
     import torch.nn.functional as F
 
-    from neuroada_tools.data import collate
-    from neuroada_tools.naming import match_names
+    from neuroada_tools.train.data import collate
+    from neuroada_tools.io.names import match_names
 
     model, _, _ = build_method(ctx, task, Method("full", "full"), 0)
     model.train()

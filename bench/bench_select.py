@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neuroada_tools.select import reference_select, select  # noqa: E402
+from neuroada_tools.index.criteria import reference_select, select  # noqa: E402
 
 
 def main() -> None:

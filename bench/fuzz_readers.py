@@ -62,12 +62,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from neuroada_tools.checkpoint import open_checkpoint  # noqa: E402
-from neuroada_tools.data import build_causal_lm_examples, build_classification_examples, read_records  # noqa: E402
+from neuroada_tools.io.checkpoint import open_checkpoint  # noqa: E402
+from neuroada_tools.train.data import build_causal_lm_examples, build_classification_examples, read_records  # noqa: E402
 from neuroada_tools.errors import CheckpointError, NeuroAdaError  # noqa: E402
-from neuroada_tools.safetensors_io import read_header, read_tensor, write_file  # noqa: E402
-from neuroada_tools.select import select  # noqa: E402
-from neuroada_tools.sidecar import (  # noqa: E402
+from neuroada_tools.io.safetensors_file import read_header, read_tensor, write_file  # noqa: E402
+from neuroada_tools.index.criteria import select  # noqa: E402
+from neuroada_tools.io.sidecar import (  # noqa: E402
     DeltaSidecar,
     IndexSidecar,
     TensorEntry,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from neuroada_tools import bypass
-from neuroada_tools.bypass import (
+from neuroada_tools.train import bypass
+from neuroada_tools.train.bypass import (
     attach,
     count_trainable,
     deltas,
@@ -22,8 +22,8 @@ from neuroada_tools.bypass import (
     trainable_parameters,
 )
 from neuroada_tools.errors import ModelError, SidecarError
-from neuroada_tools.select import select
-from neuroada_tools.sidecar import IndexSidecar, TensorEntry
+from neuroada_tools.index.criteria import select
+from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 

@@ -1,4 +1,4 @@
-"""Tests for neuroada_tools.data: reading, format detection, tokenization, masking, collate.
+"""Tests for neuroada_tools.train.data: reading, format detection, tokenization, masking, collate.
 
 Tokenizers are trained here on a few sentences with the ``tokenizers`` library (no downloads).
 Hostile files are built in ``tmp_path`` and every error checks the exact message. The real-data
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuroada_tools import data as data_module
-from neuroada_tools.data import (
+from neuroada_tools.train import data as data_module
+from neuroada_tools.train.data import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_NO_INPUT,

@@ -32,12 +32,12 @@ from bench.fuzz_readers import (
     run_case,
     run_truncation,
 )
-from neuroada_tools.checkpoint import open_checkpoint
-from neuroada_tools.data import read_records
+from neuroada_tools.io.checkpoint import open_checkpoint
+from neuroada_tools.train.data import read_records
 from neuroada_tools.errors import CheckpointError, DataError, SidecarError
-from neuroada_tools.index import run_index
-from neuroada_tools.safetensors_io import read_header, read_tensor, write_file
-from neuroada_tools.sidecar import read_delta, read_index
+from neuroada_tools.index.build import run_index
+from neuroada_tools.io.safetensors_file import read_header, read_tensor, write_file
+from neuroada_tools.io.sidecar import read_delta, read_index
 
 CASES = int(os.environ.get("NEUROADA_FUZZ_CASES", "300"))
 HEADROOM = 1 << 30

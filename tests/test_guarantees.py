@@ -33,9 +33,9 @@ from click.testing import CliRunner
 import neuroada_tools
 from neuroada_tools.cli import main
 from neuroada_tools.errors import SidecarError
-from neuroada_tools.index import run_index
-from neuroada_tools.merge import merge_tensor
-from neuroada_tools.sidecar import DeltaSidecar, read_index, write_delta
+from neuroada_tools.index.build import run_index
+from neuroada_tools.export.merge import merge_tensor
+from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
 
 PKG = Path(neuroada_tools.__file__).resolve().parent
 ROOT = PKG.parent
@@ -251,7 +251,7 @@ def test_the_hostile_folder_would_be_caught(fixture_models, tmp_path):
     marker would show a violation (run in a child with its own module cache)."""
     marker = tmp_path / "PWNED"
     base = _hostile_folder(fixture_models["llama"], tmp_path / "base", marker)
-    code = ("import sys; from pathlib import Path; from neuroada_tools.tasks import task_config\n"
+    code = ("import sys; from pathlib import Path; from neuroada_tools.hf import task_config\n"
             "try: task_config(Path(sys.argv[1]), 'causal-lm', trust_remote_code=True)\n"
             "except Exception: pass\n")
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
@@ -385,7 +385,7 @@ def test_disk_full_while_copying_side_files_names_the_output(tmp_path, monkeypat
     so a full disk never reads as a problem of the base model."""
     import errno
 
-    from neuroada_tools import merge as merge_mod
+    from neuroada_tools.export import merge as merge_mod
 
     def full(src, dst):
         e = OSError(errno.ENOSPC, "No space left on device")

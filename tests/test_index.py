@@ -15,10 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neuroada_tools.checkpoint import open_checkpoint
+from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.cli import main
-from neuroada_tools.select import reference_select
-from neuroada_tools.sidecar import fingerprint, read_index
+from neuroada_tools.index.criteria import reference_select
+from neuroada_tools.io.sidecar import fingerprint, read_index
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert-cls", "bert-base", "llama-fp16"]
 
@@ -311,8 +311,8 @@ def test_help_lists_commands_and_examples():
 @pytest.mark.parametrize("criterion", ["magnitude", "random"])
 def test_streamed_index_equals_in_memory_write(fixture_models, tmp_path, arch, criterion):
     """run_index streams tensors and fills fingerprints in at the end; same bytes as write_index."""
-    from neuroada_tools.index import build_index, run_index
-    from neuroada_tools.sidecar import write_index
+    from neuroada_tools.index.build import build_index, run_index
+    from neuroada_tools.io.sidecar import write_index
 
     summary = run_index(fixture_models[arch], 3, tmp_path / "streamed", criterion=criterion, seed=4)
     in_memory = build_index(fixture_models[arch], 3, criterion=criterion, seed=4)
@@ -325,7 +325,7 @@ def test_streamed_index_equals_in_memory_write(fixture_models, tmp_path, arch, c
 
 def test_failed_index_leaves_no_partial_output(fixture_models, tmp_path, monkeypatch):
     """A failure after some tensors were streamed: no output, no temporary left behind."""
-    from neuroada_tools import index as index_mod
+    from neuroada_tools.index import build as index_mod
 
     calls = []
     real = index_mod.select
@@ -343,7 +343,7 @@ def test_failed_index_leaves_no_partial_output(fixture_models, tmp_path, monkeyp
 
 
 def test_replace_metadata_refuses_a_size_change(tmp_path):
-    from neuroada_tools.safetensors_io import StreamingWriter
+    from neuroada_tools.io.safetensors_file import StreamingWriter
 
     w = StreamingWriter(tmp_path / "f", [("a", "I32", (1, 1))], {"fp": "0" * 8})
     w.write("a", torch.zeros(1, 1, dtype=torch.int32))
@@ -354,7 +354,7 @@ def test_replace_metadata_refuses_a_size_change(tmp_path):
 
 
 def test_target_list_is_cached_per_config(fixture_models, tmp_path, monkeypatch):
-    from neuroada_tools import targets
+    from neuroada_tools.index import targets
 
     monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path / "cache"))
     ckpt = open_checkpoint(fixture_models["gpt2"])
@@ -388,7 +388,7 @@ def test_cache_dir_unwritable_still_indexes(fixture_models, tmp_path, monkeypatc
 
 
 def test_summary_names_the_selection_kernel(fixture_models, tmp_path, monkeypatch):
-    from neuroada_tools import native
+    from neuroada_tools.kernels import native
 
     result = run_cli("index", fixture_models["llama"], "-k", "2", "-o", tmp_path / "a", "--json", "-q")
     data = json.loads(result.output)

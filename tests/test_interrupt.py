@@ -49,13 +49,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuroada_tools.check import run_check
-from neuroada_tools.checkpoint import open_checkpoint
-from neuroada_tools.index import run_index
-from neuroada_tools.merge import merge_to_folder
-from neuroada_tools.safetensors_io import StreamingWriter, read_header
-from neuroada_tools.sidecar import DeltaSidecar, read_delta, read_index, write_delta
-from neuroada_tools.train import TrainConfig, train
+from neuroada_tools.check.run import run_check
+from neuroada_tools.io.checkpoint import open_checkpoint
+from neuroada_tools.index.build import run_index
+from neuroada_tools.export.merge import merge_to_folder
+from neuroada_tools.io.safetensors_file import StreamingWriter, read_header
+from neuroada_tools.io.sidecar import DeltaSidecar, read_delta, read_index, write_delta
+from neuroada_tools.train.loop import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neuroada_tools import merge as merge_mod
-from neuroada_tools.check import run_check
-from neuroada_tools.checkpoint import open_checkpoint
+from neuroada_tools.export import merge as merge_mod
+from neuroada_tools.check.run import run_check
+from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.cli import main
 from neuroada_tools.errors import ParityError
-from neuroada_tools.index import run_index
-from neuroada_tools.merge import merge_tensor
-from neuroada_tools.safetensors_io import read_header
-from neuroada_tools.sidecar import DeltaSidecar, read_index, write_delta
-from neuroada_tools.tasks import load_model
+from neuroada_tools.index.build import run_index
+from neuroada_tools.export.merge import merge_tensor
+from neuroada_tools.io.safetensors_file import read_header
+from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
+from neuroada_tools.hf import load_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert-cls", "bert-base", "llama-fp16"]
 
@@ -77,7 +77,7 @@ def test_merged_safetensors_parity_and_values(fixture_models, merged, arch):
     assert parity["passed"] and parity["argmax_agreement"] == 1.0
     base = open_checkpoint(fixture_models[arch])
     index = read_index(ip)
-    from neuroada_tools.sidecar import read_delta
+    from neuroada_tools.io.sidecar import read_delta
 
     delta = read_delta(dp, index)
     res = open_checkpoint(out)
@@ -269,7 +269,7 @@ def test_refuses_output_in_base_or_existing(fixture_models, tmp_path):
 
 
 def test_bf16_tolerance_is_applied_and_documented():
-    from neuroada_tools.parity import TOLERANCES
+    from neuroada_tools.check.parity import TOLERANCES
 
     assert TOLERANCES["fp32"]["merged"].atol == 1e-5 and TOLERANCES["fp32"]["onnx"].atol == 1e-4
     assert TOLERANCES["bf16"]["merged"].rtol > 0 and TOLERANCES["fp16"]["merged"].rtol > 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroada_tools import bypass, native
+from neuroada_tools.train import bypass
+from neuroada_tools.kernels import native
 from neuroada_tools.errors import NeuroAdaError
-from neuroada_tools.select import select
+from neuroada_tools.index.criteria import select
 
 
 @pytest.fixture
@@ -171,8 +172,8 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, parts, monkey
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from neuroada_tools.bypass import attach
-    from neuroada_tools.sidecar import IndexSidecar, TensorEntry
+    from neuroada_tools.train.bypass import attach
+    from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
     monkeypatch.setattr(bypass, "_REFRESH_ENTRIES_PER_PART", 16)  # 24 rows x 7: up to 10 parts

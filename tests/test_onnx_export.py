@@ -16,9 +16,9 @@ import onnx
 import pytest
 import torch
 
-from neuroada_tools import onnx_export
+from neuroada_tools.export import onnx_export
 from neuroada_tools.errors import ModelError, OutputError, ParityError
-from neuroada_tools.onnx_export import (
+from neuroada_tools.export.onnx_export import (
     EXPORT_BATCH,
     EXPORT_SEQ,
     MODEL_FILE,
@@ -28,7 +28,7 @@ from neuroada_tools.onnx_export import (
     load_model,
     uses_token_type_ids,
 )
-from neuroada_tools.parity import (
+from neuroada_tools.check.parity import (
     TOLERANCES,
     assert_within,
     check_with_past,

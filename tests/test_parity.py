@@ -16,8 +16,8 @@ import torch
 from onnx import TensorProto, helper
 
 from neuroada_tools.errors import ModelError, ParityError
-from neuroada_tools.onnx_export import EXPORT_BATCH, EXPORT_SEQ, load_model, position_ids_from_mask
-from neuroada_tools.parity import (
+from neuroada_tools.export.onnx_export import EXPORT_BATCH, EXPORT_SEQ, load_model, position_ids_from_mask
+from neuroada_tools.check.parity import (
     PARITY_BATCH,
     PARITY_SEQ,
     TOLERANCES,

@@ -24,7 +24,7 @@ def test_python_api_snippet(fixture_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
-    from neuroada_tools.sidecar import read_delta, read_index
+    from neuroada_tools.io.sidecar import read_delta, read_index
 
     index = read_index(tmp_path / "llama.k20.index.safetensors")
     delta = read_delta(tmp_path / "my.delta.safetensors", index)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from neuroada_tools.errors import FingerprintError, SidecarError
-from neuroada_tools.safetensors_io import write_file
-from neuroada_tools.select import select
-from neuroada_tools.sidecar import (
+from neuroada_tools.io.safetensors_file import write_file
+from neuroada_tools.index.criteria import select
+from neuroada_tools.io.sidecar import (
     DeltaSidecar,
     IndexSidecar,
     TensorEntry,

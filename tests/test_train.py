@@ -16,15 +16,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from neuroada_tools import bypass
-from neuroada_tools import data as data_mod
-from neuroada_tools import train as train_mod
+from neuroada_tools.train import bypass
+from neuroada_tools.train import data as data_mod
+from neuroada_tools.train import loop as train_mod
 from neuroada_tools.cli import main
 from neuroada_tools.errors import DataError, FingerprintError, TrainingError
-from neuroada_tools.index import run_index
-from neuroada_tools.safetensors_io import read_all, read_header
-from neuroada_tools.sidecar import read_delta, read_index
-from neuroada_tools.train import TrainConfig, state_path, train
+from neuroada_tools.index.build import run_index
+from neuroada_tools.io.safetensors_file import read_all, read_header
+from neuroada_tools.io.sidecar import read_delta, read_index
+from neuroada_tools.train.loop import TrainConfig, state_path, train
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from neuroada_tools.errors import CheckpointError
-from neuroada_tools.safetensors_io import Header, RawTensor, duplicate_key_hook, read_header, read_tensor
+from neuroada_tools.io.safetensors_file import Header, RawTensor, duplicate_key_hook, read_header, read_tensor
 
 INDEX_JSON = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

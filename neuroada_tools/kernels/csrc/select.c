@@ -1,5 +1,5 @@
 /* Per-row top-k of IEEE magnitude bits, ties to the lower column: the compiled fast path of
- * neuroada_tools/select.py (see its docstring for the ordering this must reproduce exactly).
+ * neuroada_tools/index/criteria.py (see its docstring for the ordering this must reproduce exactly).
  *
  * Plain C, no Python or torch headers: loaded with ctypes, called on contiguous row blocks,
  * one call per thread (ctypes releases the GIL). For each row of n keys

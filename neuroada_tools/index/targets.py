@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from neuroada_tools.checkpoint import Checkpoint
+from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.errors import TargetError
-from neuroada_tools.native import cache_dir
-from neuroada_tools.naming import match_names
-from neuroada_tools.safetensors_io import FLOAT_DTYPES, atomic_file
+from neuroada_tools.kernels.native import cache_dir
+from neuroada_tools.io.names import match_names
+from neuroada_tools.io.safetensors_file import FLOAT_DTYPES, atomic_file
 
 _BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
 _NOT_A_PROJECTION = re.compile(r"(norm|ln_|layernorm|embed|wte|wpe|rotary|bias$)", re.IGNORECASE)

@@ -20,8 +20,8 @@ import torch
 
 from neuroada_tools import __version__
 from neuroada_tools.errors import FingerprintError, SidecarError
-from neuroada_tools.safetensors_io import StreamingWriter, read_all, read_header, short_repr, write_file
-from neuroada_tools.select import CRITERIA
+from neuroada_tools.io.safetensors_file import StreamingWriter, read_all, read_header, short_repr, write_file
+from neuroada_tools.index.criteria import CRITERIA
 
 INDEX_MAGIC = "neuroada-index"
 DELTA_MAGIC = "neuroada-delta"

@@ -14,7 +14,7 @@ Worked example (k=2, one row): ``W = [[0.5, -2.0, 2.0, 1.0]]``. ``|W| = [0.5, 2,
 largest are the tied 2.0 at columns 1 and 2, so the result is ``[[1, 2]]``. With k=1 the tie goes to
 the lower column: ``[[1]]``. ``criterion="smallest"`` with k=1 gives ``[[0]]``.
 
-Fastest path: ``native.py`` compiles a small C kernel (``_native/select.c``: one filtering pass
+Fastest path: ``native.py`` compiles a small C kernel (``kernels/csrc/select.c``: one filtering pass
 per row against a threshold learned from the previous row, then a radix select on the few kept
 keys) that returns the same indices; rows are split over ``torch.get_num_threads()`` threads.
 Where no C compiler is available the torch path below runs instead.
@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from neuroada_tools import native
+from neuroada_tools.kernels import native
 
 CRITERIA = ("magnitude", "smallest", "random")
 _ROW_CHUNK = 256  # rows per step: keeps the int32/int64 key buffer in cache-sized pieces

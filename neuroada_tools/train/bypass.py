@@ -19,7 +19,7 @@ Two ways to compute it (``mode``):
   plain matmul with ``W' = W + S``. Backward (``_FusedBypass``): ``grad_x = g W'`` (what a frozen
   base computes anyway) and ``grad_delta = SDDMM(g^T, x)``: ``T * d_out * k`` multiply-adds in
   fp32 instead of the dense ``T * d_out * d_in`` of ``g^T x``. On CPU (fp32/bf16) the compiled
-  kernel ``_native/sddmm.c`` computes it (and ``_native/refresh.c`` the per-forward refresh); elsewhere
+  kernel ``kernels/csrc/sddmm.c`` computes it (and ``kernels/csrc/refresh.c`` the per-forward refresh); elsewhere
   ``torch.sparse.sampled_addmm`` on the CSR pattern ``crow = arange(d_out + 1) * k, col = idx``
   (for k <= 2, and where ``sampled_addmm`` is unavailable, a per-column gather-multiply-sum
   instead). Saved for backward:
@@ -61,10 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroada_tools import native
+from neuroada_tools.kernels import native
 from neuroada_tools.errors import ModelError, SidecarError
-from neuroada_tools.naming import match_names
-from neuroada_tools.sidecar import DeltaSidecar, IndexSidecar, check_delta_matches
+from neuroada_tools.io.names import match_names
+from neuroada_tools.io.sidecar import DeltaSidecar, IndexSidecar, check_delta_matches
 
 try:  # GPT-2 style layers store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -114,7 +114,7 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     Three kernels (``SDDMM_BACKEND``; ``"auto"`` picks):
 
     - ``"native"`` (CPU, fp32 or bf16 inputs, where the compiled kernel is available):
-      ``_native/sddmm.c``, tokens split over ``torch.get_num_threads()`` threads of torch's OpenMP
+      ``kernels/csrc/sddmm.c``, tokens split over ``torch.get_num_threads()`` threads of torch's OpenMP
       team (see there).
 
     - ``torch.sparse.sampled_addmm`` on the CSR pattern: it dots row ``i`` of ``g^T`` with row
@@ -180,7 +180,7 @@ def _scratch(name: str, numel: int) -> torch.Tensor:
 
 
 def _sddmm_native(lib, g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The C kernel (``_native/sddmm.c``): one call, which splits the tokens into up to
+    """The C kernel (``kernels/csrc/sddmm.c``): one call, which splits the tokens into up to
     ``torch.get_num_threads()`` parts run on torch's own OpenMP team (``native.bind_openmp``; else
     on threads the kernel starts); each part sums into its own fp32 buffer, added at the end in a
     fixed order (deterministic for a given thread count). The buffers are the calling thread's,
@@ -308,7 +308,7 @@ class _BypassMixin:
     def _neuroada_refresh(self) -> None:
         """Write ``cast(fp32(W0_sel) + delta)`` (fp64 for an fp64 base) at the selected positions.
 
-        On CPU with an fp32 or bf16 base, the compiled kernel (``_native/refresh.c``) does it: one
+        On CPU with an fp32 or bf16 base, the compiled kernel (``kernels/csrc/refresh.c``) does it: one
         pass over the d_out*k entries with the lines it writes prefetched a few rows ahead, no
         temporaries, the same bits as the torch expression below, its rows split over torch's
         OpenMP team (``native.bind_openmp``) from 8192 entries on. ``python bench/bench_kernels.py``:

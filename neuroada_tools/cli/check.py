@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from neuroada_tools.cli_common import emit, handle_errors
+from neuroada_tools.cli.common import emit, handle_errors
 
 EPILOG = """\b
 Example:
@@ -33,7 +33,7 @@ def command(model, index, delta, merged, onnx_dir, with_past, provider, batch, s
 
     Exit code 0 when every comparison is within tolerance, 1 when one is not.
     """
-    from neuroada_tools.check import human, run_check
+    from neuroada_tools.check.run import human, run_check
 
     if merged is None and onnx_dir is None:
         raise click.UsageError("give --merged and/or --onnx")

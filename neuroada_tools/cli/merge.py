@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from neuroada_tools.cli_common import emit, handle_errors, progress_bar
+from neuroada_tools.cli.common import emit, handle_errors, progress_bar
 from neuroada_tools.errors import OutputError
 
 EPILOG = """\b
@@ -58,8 +58,8 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
     Hugging Face model (safetensors) or a self-contained ONNX folder (model.onnx + config +
     tokenizer); it appears only when complete.
     """
-    from neuroada_tools.check import human as human_check
-    from neuroada_tools.merge import merge_to_folder, output_dir_checks, remove_stale_temporaries, replace_dir
+    from neuroada_tools.check.run import human as human_check
+    from neuroada_tools.export.merge import merge_to_folder, output_dir_checks, remove_stale_temporaries, replace_dir
 
     shard = parse_size(max_shard_size)
     summary: dict = {"to": to}
@@ -70,9 +70,9 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
         summary.update(s.to_dict())
         merged_dir, onnx_dir = output, None
     else:
-        from neuroada_tools.onnx_export import export_onnx
+        from neuroada_tools.export.onnx_export import export_onnx
 
-        from neuroada_tools.checkpoint import resolve_input
+        from neuroada_tools.io.checkpoint import resolve_input
 
         root, _ = resolve_input(model)
         output_dir_checks(root, output, force)
@@ -111,8 +111,8 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
 
 
 def _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, quiet) -> dict:
-    from neuroada_tools.check import run_check
-    from neuroada_tools.checkpoint import resolve_input
+    from neuroada_tools.check.run import run_check
+    from neuroada_tools.io.checkpoint import resolve_input
 
     root, _ = resolve_input(model)
     r = run_check(root, index, delta, merged_dir=merged_dir, onnx_dir=onnx_dir, with_past=with_past, provider=provider)

@@ -86,9 +86,9 @@ import torch
 import torch.nn.functional as F
 
 from neuroada_tools import __version__
-from neuroada_tools.bypass import attach, make_delta_sidecar
-from neuroada_tools.checkpoint import open_checkpoint
-from neuroada_tools.data import (
+from neuroada_tools.train.bypass import attach, make_delta_sidecar
+from neuroada_tools.io.checkpoint import open_checkpoint
+from neuroada_tools.train.data import (
     IGNORE_INDEX,
     build_causal_lm_examples,
     build_classification_examples,
@@ -97,10 +97,10 @@ from neuroada_tools.data import (
     read_records,
 )
 from neuroada_tools.errors import DataError, ModelError, OutputError, TrainingError
-from neuroada_tools.safetensors_io import atomic_file, read_all, read_header, write_file
-from neuroada_tools.sidecar import file_digest, read_index, write_delta
-from neuroada_tools.tasks import TASKS, default_task, load_model, task_config
-from neuroada_tools.verify import verify_base
+from neuroada_tools.io.safetensors_file import atomic_file, read_all, read_header, write_file
+from neuroada_tools.io.sidecar import file_digest, read_index, write_delta
+from neuroada_tools.hf import TASKS, default_task, load_model, task_config
+from neuroada_tools.check.binding import verify_base
 
 STATE_MAGIC = "neuroada-train-state"
 STATE_VERSION = 1

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from neuroada_tools.cli_common import handle_errors
-from neuroada_tools.demo_data import minilm_path  # noqa: F401  (re-exported for callers)
+from neuroada_tools.cli.common import handle_errors
+from neuroada_tools.train.demo_data import minilm_path  # noqa: F401  (re-exported for callers)
 
 
 def onnx_predict(onnx_dir: Path, texts: list[str]) -> list[tuple[str, float]]:
@@ -54,13 +54,13 @@ def command(model: Path | None, data: Path | None, label_field: str | None, out:
     """Run index -> train-sparse -> merge (safetensors + ONNX, parity-checked) -> ONNX predictions."""
     import shutil
 
-    from neuroada_tools.check import human as human_check
-    from neuroada_tools.check import run_check
-    from neuroada_tools.demo_data import TRY_SENTENCES, write_demo_data
-    from neuroada_tools.index import run_index
-    from neuroada_tools.merge import merge_to_folder
-    from neuroada_tools.onnx_export import export_onnx
-    from neuroada_tools.train import TrainConfig, train
+    from neuroada_tools.check.run import human as human_check
+    from neuroada_tools.check.run import run_check
+    from neuroada_tools.train.demo_data import TRY_SENTENCES, write_demo_data
+    from neuroada_tools.index.build import run_index
+    from neuroada_tools.export.merge import merge_to_folder
+    from neuroada_tools.export.onnx_export import export_onnx
+    from neuroada_tools.train.loop import TrainConfig, train
 
     t0 = time.perf_counter()
     model = model or minilm_path()

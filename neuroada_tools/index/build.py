@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from neuroada_tools import native
-from neuroada_tools.checkpoint import Checkpoint, open_checkpoint
+from neuroada_tools.kernels import native
+from neuroada_tools.io.checkpoint import Checkpoint, open_checkpoint
 from neuroada_tools.errors import TargetError
-from neuroada_tools.safetensors_io import atomic_file, check_output
-from neuroada_tools.select import CRITERIA, select
-from neuroada_tools.sidecar import IndexSidecar, IndexStreamWriter, TensorEntry, fingerprint
-from neuroada_tools.targets import Target, resolve_targets
+from neuroada_tools.io.safetensors_file import atomic_file, check_output
+from neuroada_tools.index.criteria import CRITERIA, select
+from neuroada_tools.io.sidecar import IndexSidecar, IndexStreamWriter, TensorEntry, fingerprint
+from neuroada_tools.index.targets import Target, resolve_targets
 
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 

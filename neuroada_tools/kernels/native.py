@@ -1,4 +1,4 @@
-"""The compiled kernels (``_native/*.c``: per-row selection, CPU SDDMM, the bypass refresh), built on
+"""The compiled kernels (``kernels/csrc/*.c``: per-row selection, CPU SDDMM, the bypass refresh), built on
 first use, cached.
 
 The kernel is plain C with no Python or torch headers, so it compiles in well under a second with
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from neuroada_tools.errors import NeuroAdaError
 
-_SOURCES = [Path(__file__).with_name("_native") / name for name in ("select.c", "sddmm.c", "refresh.c")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("select.c", "sddmm.c", "refresh.c")]
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthread"]
 # -march=native: the kernels use AVX2/FMA (8x8 transposes) and AVX-512 or AVX2 dots where the CPU has them.
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
@@ -75,7 +75,7 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
-    from neuroada_tools.safetensors_io import atomic_file  # (imports torch: not at module level)
+    from neuroada_tools.io.safetensors_file import atomic_file  # (imports torch: not at module level)
 
     parts = [p.read_bytes() for p in _SOURCES]
     parts += [cc.encode(), " ".join(_FLAGS + _NATIVE_ARCH).encode(), platform.machine().encode(), sys.platform.encode()]
@@ -117,7 +117,7 @@ def _load() -> ctypes.CDLL | None:
         if lib.neuroada_abi_version() != _ABI:
             raise OSError("stale kernel library (ABI mismatch)")
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        signatures = {  # name: (argument types, result type); must match _native/*.c
+        signatures = {  # name: (argument types, result type); must match kernels/csrc/*.c
             "neuroada_select_u16": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_select_u32": ([ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),
             "neuroada_sddmm": ([c_int, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, c_int, ptr, ptr, ptr], None),

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from neuroada_tools.errors import ModelError, ParityError
-from neuroada_tools.onnx_export import (
+from neuroada_tools.export.onnx_export import (
     cache_kwarg,
     flat_cache,
     forward_params,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from neuroada_tools import bypass
+from neuroada_tools.train import bypass
 from neuroada_tools.errors import ParityError
-from neuroada_tools.onnx_export import uses_token_type_ids
-from neuroada_tools.parity import (
+from neuroada_tools.export.onnx_export import uses_token_type_ids
+from neuroada_tools.check.parity import (
     PARITY_BATCH,
     PARITY_SEQ,
     ParityReport,
@@ -27,8 +27,8 @@ from neuroada_tools.parity import (
     run_torch,
     tolerance_for,
 )
-from neuroada_tools.sidecar import read_delta, read_index
-from neuroada_tools.tasks import load_model, task_config
+from neuroada_tools.io.sidecar import read_delta, read_index
+from neuroada_tools.hf import load_model, task_config
 
 
 @dataclass

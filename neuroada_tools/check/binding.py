@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from neuroada_tools.checkpoint import Checkpoint
+from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.errors import FingerprintError
-from neuroada_tools.sidecar import IndexSidecar, verify_fingerprint
+from neuroada_tools.io.sidecar import IndexSidecar, verify_fingerprint
 
 
 def check_shapes(index: IndexSidecar, ckpt: Checkpoint) -> None:

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from neuroada_tools.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
+from neuroada_tools.io.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
 from neuroada_tools.errors import OutputError, SidecarError
-from neuroada_tools.naming import match_names
-from neuroada_tools.safetensors_io import DTYPES, TORCH_TO_ST, FLOAT_DTYPES, StreamingWriter
-from neuroada_tools.sidecar import DENSE_PREFIX, DeltaSidecar, IndexSidecar, read_delta, read_index, verify_fingerprint
-from neuroada_tools.verify import check_shapes
+from neuroada_tools.io.names import match_names
+from neuroada_tools.io.safetensors_file import DTYPES, TORCH_TO_ST, FLOAT_DTYPES, StreamingWriter
+from neuroada_tools.io.sidecar import DENSE_PREFIX, DeltaSidecar, IndexSidecar, read_delta, read_index, verify_fingerprint
+from neuroada_tools.check.binding import check_shapes
 
 SIDE_FILES_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NOT_COPIED = {INDEX_JSON, "config.json"}
@@ -142,7 +142,7 @@ def task_names(ckpt: Checkpoint, delta: DeltaSidecar, task: str, config) -> dict
     names = {n: n for n in ckpt.tensors}
     if not delta.dense:
         return names
-    from neuroada_tools.tasks import meta_parameter_names
+    from neuroada_tools.hf import meta_parameter_names
 
     model_names = meta_parameter_names(config, task)
     mapping = match_names(list(ckpt.tensors), model_names)
@@ -289,7 +289,7 @@ def _dominant_float(ckpt: Checkpoint) -> torch.dtype:
 def _task_config(ckpt: Checkpoint, delta: DeltaSidecar, task: str):
     if not delta.dense:
         return None
-    from neuroada_tools.tasks import task_config
+    from neuroada_tools.hf import task_config
 
     labels = delta.info.get("label_names") or None
     return task_config(ckpt.root, task, num_labels=delta.info.get("num_labels"), label_names=labels)
@@ -317,7 +317,7 @@ def _write_config(ckpt: Checkpoint, tmp: Path, config, out_dtype: torch.dtype | 
 
 
 def _task_arch(config, task: str) -> str:
-    from neuroada_tools.tasks import auto_class
+    from neuroada_tools.hf import auto_class
 
     cls = auto_class(task)
     return cls._model_mapping[type(config)].__name__

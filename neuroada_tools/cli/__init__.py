@@ -6,14 +6,14 @@ Exit codes: 0 success, 1 parity check failed, 2 bad input (one line on stderr, n
 
 from __future__ import annotations
 
-from neuroada_tools.native import shorten_openmp_spin
+from neuroada_tools.kernels.native import shorten_openmp_spin
 
 shorten_openmp_spin()  # before anything imports torch (see native.py)
 
 import click  # noqa: E402
 
 from neuroada_tools import __version__  # noqa: E402
-from neuroada_tools.cli_common import _fail, emit, handle_errors, progress_bar  # noqa: F401  (re-exported)
+from neuroada_tools.cli.common import _fail, emit, handle_errors, progress_bar  # noqa: F401  (re-exported)
 
 
 EPILOG_INDEX = """\b
@@ -51,7 +51,7 @@ def index_cmd(model, k, output, criterion, seed, targets, excludes, clip_k, forc
     MODEL is a .safetensors file, a sharded model.safetensors.index.json, or a model folder.
     Reads one tensor at a time and writes an index sidecar (formats/index-v1.md).
     """
-    from neuroada_tools.index import run_index
+    from neuroada_tools.index.build import run_index
 
     if seed is not None and criterion != "random":
         raise click.UsageError("--seed only applies to --criterion random")
@@ -96,10 +96,10 @@ def _register_optional(name: str, module: str) -> None:
     main.add_command(importlib.import_module(module).command, name)
 
 
-_register_optional("train-sparse", "neuroada_tools.cli_train")
-_register_optional("merge", "neuroada_tools.cli_merge")
-_register_optional("check", "neuroada_tools.cli_check")
-_register_optional("demo", "neuroada_tools.cli_demo")
+_register_optional("train-sparse", "neuroada_tools.cli.train_sparse")
+_register_optional("merge", "neuroada_tools.cli.merge")
+_register_optional("check", "neuroada_tools.cli.check")
+_register_optional("demo", "neuroada_tools.cli.demo")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from neuroada_tools.cli_common import emit, handle_errors, progress_bar
+from neuroada_tools.cli.common import emit, handle_errors, progress_bar
 
 EPILOG = """\b
 Example:
@@ -73,7 +73,7 @@ def command(model, index, data, output, task, num_labels, label_field, text_fiel
     reported with the file and line before training starts. Causal-LM instruction data uses the
     Alpaca / LLM-Adapters prompt template and trains on the response only.
     """
-    from neuroada_tools.train import TrainConfig, train
+    from neuroada_tools.train.loop import TrainConfig, train
 
     if num_labels is not None and task not in (None, "classification"):
         raise click.UsageError("--num-labels only applies to --task classification")

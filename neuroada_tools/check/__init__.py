@@ -1,0 +1,1 @@
+"""Stage 4: prove nothing changed on the way (logit parity, fingerprint binding)."""

@@ -1,0 +1,1 @@
+"""Stage 3: merge the sidecars into the base and export (safetensors, ONNX)."""

@@ -1,0 +1,1 @@
+"""Stage 1: build the index sidecar (selection criteria, target resolution)."""

@@ -1,0 +1,1 @@
+"""Compiled kernels behind the bypass and the selection, with pure torch fallbacks."""

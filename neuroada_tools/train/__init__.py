@@ -1,0 +1,1 @@
+"""Stage 2: train the sparse deltas (bypass, data, the training loop)."""
