@@ -206,7 +206,7 @@ def step_bench(device, dtype, hidden, layers, inter, seq, batch, k, reps, run) -
         results.append((method, statistics.median(times), mem, n_train))
         if emb_hook:
             emb_hook.remove()
-        del model, opt, params
+        model = opt = params = None  # free before the next method (the closure above is done with them)
         _MASKS.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """Hostile bytes for every reader of untrusted files: only the project's named errors come out.
 
-The regular-suite share of ``bench/fuzz_readers.py`` (which runs >= 10,000 cases per reader):
+The regular-suite share of ``tests/fuzz`` (``python -m tests.fuzz``) (which runs >= 10,000 cases per reader):
 a few hundred derandomised hypothesis cases per reader (``NEUROADA_FUZZ_CASES``, default 300),
 the truncation of small valid files at every offset, and one regression test per bug the fuzzer
 found. The whole module runs under an address-space cap of 1 GiB over its start, so an allocation
@@ -25,13 +25,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz_readers import (
-    READER_NAMES,
-    address_space_limit,
-    build_corpus,
-    run_case,
-    run_truncation,
-)
+from tests.fuzz.corpus import READER_NAMES, build_corpus
+from tests.fuzz.harness import address_space_limit, run_case, run_truncation
 from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.train.data import read_records
 from neuroada_tools.errors import CheckpointError, DataError, SidecarError

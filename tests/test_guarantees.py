@@ -385,16 +385,16 @@ def test_disk_full_while_copying_side_files_names_the_output(tmp_path, monkeypat
     so a full disk never reads as a problem of the base model."""
     import errno
 
-    from neuroada_tools.export import merge as merge_mod
+    from neuroada_tools.io import outputs
 
     def full(src, dst):
         e = OSError(errno.ENOSPC, "No space left on device")
         e.filename, e.filename2 = str(src), str(dst)
         raise e
 
-    monkeypatch.setattr(merge_mod.shutil, "copyfile", full)
+    monkeypatch.setattr(outputs.shutil, "copyfile", full)
     with pytest.raises(OSError) as e:
-        merge_mod._copy(tmp_path / "base" / "tokenizer.json", tmp_path / "out" / "tokenizer.json")
+        outputs.copy_file(tmp_path / "base" / "tokenizer.json", tmp_path / "out" / "tokenizer.json")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out" / "tokenizer.json")
 
 

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FULL = os.environ.get("NEUROADA_INTERRUPT_FULL", "") not in ("", "0")
 KILLS = int(os.environ.get("NEUROADA_KILL_POINTS", "8" if FULL else "3"))
 ONNX_KILLS = max(2, KILLS - 1)  # regular suite: every ONNX run costs ~10 s of export tracing
-TEMP = re.compile(r"^\.(?P<name>.+)\.(tmp|merged|old)-[^/]+$")
+TEMP = re.compile(r"^\.(?P<name>.+)\.(tmp|merged|onnx|old)-[^/]+$")
 RESULTS: list[str] = []  # one line per command, printed at the end of the module (pytest -s)
 
 
@@ -254,7 +254,7 @@ EXPORT_SECONDS = 40.0 if FULL else 12.0  # about how long the export (mostly tra
 
 
 def _export_dirs(out: Path) -> list[Path]:
-    """The export's temporary folder(s) (``.NAME.tmp-XXXX`` from mkdtemp; not the staging merge)."""
+    """The export's temporary folder(s) (``.NAME.onnx-PID`` and the folder staged inside it; not the staging merge)."""
     return [t for t in temp_entries(out.parent, out) if ".merged-" not in t.name]
 
 

@@ -18,16 +18,10 @@ import torch
 
 from neuroada_tools.export import onnx_export
 from neuroada_tools.errors import ModelError, OutputError, ParityError
-from neuroada_tools.export.onnx_export import (
-    EXPORT_BATCH,
-    EXPORT_SEQ,
-    MODEL_FILE,
-    MODEL_WITH_PAST_FILE,
-    OPSET,
-    export_onnx,
-    load_model,
-    uses_token_type_ids,
-)
+from neuroada_tools.export.onnx_export import MODEL_FILE, MODEL_WITH_PAST_FILE, OPSET, export_onnx
+from neuroada_tools.export.onnx_wrappers import EXPORT_BATCH, EXPORT_SEQ
+from neuroada_tools.hf import load_complete as load_model
+from neuroada_tools.hf.signature import uses_token_type_ids
 from neuroada_tools.check.parity import (
     TOLERANCES,
     assert_within,

@@ -64,7 +64,8 @@ import torch
 from torch import nn
 
 from neuroada_tools.errors import ModelError, ParityError
-from neuroada_tools.export.onnx_export import (
+from neuroada_tools.hf import DTYPE_NAMES
+from neuroada_tools.hf.signature import (
     cache_kwarg,
     flat_cache,
     forward_params,
@@ -76,7 +77,7 @@ from neuroada_tools.export.onnx_export import (
 
 EPS = 1e-12
 
-#: Shapes of parity inputs: deliberately not the export's (onnx_export.EXPORT_BATCH/EXPORT_SEQ = 2/8).
+#: Shapes of parity inputs: deliberately not the export's (export/onnx_wrappers.py: EXPORT_BATCH/EXPORT_SEQ = 2/8).
 PARITY_BATCH = 3
 PARITY_SEQ = 11
 
@@ -98,12 +99,9 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "fp16": {"merged": Tolerance(2e-4, 1.5e-2), "onnx": Tolerance(2e-4, 1.5e-2)},
 }
 
-_DTYPE_KEYS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def tolerance_for(dtype: torch.dtype | str, kind: str) -> Tolerance:
     """``TOLERANCES`` entry for a torch dtype (or "fp32"/"bf16"/"fp16") and kind "merged"/"onnx"."""
-    key = _DTYPE_KEYS.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    key = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
     if key not in TOLERANCES or kind not in TOLERANCES[key]:
         raise ModelError(f"no parity tolerance for dtype {dtype} kind {kind!r}; known: {sorted(TOLERANCES)}")
     return TOLERANCES[key][kind]
@@ -338,7 +336,7 @@ def check_with_past(
     the with-past graph on the prompt with an empty past (length 0), then one step fed with its own
     ``present.*`` outputs -- so the presents round trip is checked too. The step token of each row is
     the torch argmax at its last real prompt position. Both sides use position ids derived from the
-    attention mask (``onnx_export.position_ids_from_mask``), as the graph does. The report covers the
+    attention mask (``hf.signature.position_ids_from_mask``), as the graph does. The report covers the
     real prompt positions and the step position of every row.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]

@@ -15,7 +15,7 @@ import torch
 
 from neuroada_tools.train import bypass
 from neuroada_tools.errors import ParityError
-from neuroada_tools.export.onnx_export import uses_token_type_ids
+from neuroada_tools.hf.signature import uses_token_type_ids
 from neuroada_tools.check.parity import (
     PARITY_BATCH,
     PARITY_SEQ,

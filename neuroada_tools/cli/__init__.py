@@ -13,14 +13,7 @@ shorten_openmp_spin()  # before anything imports torch (see native.py)
 import click  # noqa: E402
 
 from neuroada_tools import __version__  # noqa: E402
-from neuroada_tools.cli.common import _fail, emit, handle_errors, progress_bar  # noqa: F401  (re-exported)
-
-
-EPILOG_INDEX = """\b
-Example:
-  neuroada-tools index ./Llama-3.2-1B -k 20 -o llama.k20.index.safetensors
-  neuroada-tools index model.safetensors.index.json -k 1 --target q_proj --target v_proj -o qv.index.safetensors
-"""
+from neuroada_tools.cli import check, demo, index, merge, train_sparse  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -30,76 +23,8 @@ def main() -> None:
     """NeuroAda sparse fine-tuning: index -> train-sparse -> merge (safetensors / ONNX)."""
 
 
-@main.command("index", epilog=EPILOG_INDEX)
-@click.argument("model", type=click.Path(path_type=str))
-@click.option("-k", "k", type=int, default=20, show_default=True, help="Trainable input connections per output neuron.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Index sidecar to write (*.index.safetensors).")
-@click.option("--criterion", type=click.Choice(["magnitude", "random", "smallest"]), default="magnitude", show_default=True,
-              help="magnitude: top-k of |W| per row (the method); random: seeded; smallest: bottom-k (ablation).")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for --criterion random (default 0).")
-@click.option("--target", "targets", multiple=True, metavar="PATTERN",
-              help="Adapt these modules instead of the defaults (PEFT target_modules: regex full match or dotted suffix). Repeatable.")
-@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="Leave these modules out. Repeatable.")
-@click.option("--clip-k", is_flag=True, help="Use min(k, d_in) for tensors with fewer than k inputs instead of failing.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@handle_errors
-def index_cmd(model, k, output, criterion, seed, targets, excludes, clip_k, force, as_json, quiet) -> None:
-    """Select the top-k input connections of every output neuron of a safetensors checkpoint.
-
-    MODEL is a .safetensors file, a sharded model.safetensors.index.json, or a model folder.
-    Reads one tensor at a time and writes an index sidecar (formats/index-v1.md).
-    """
-    from neuroada_tools.index.build import run_index
-
-    if seed is not None and criterion != "random":
-        raise click.UsageError("--seed only applies to --criterion random")
-    with progress_bar(quiet, "index") as (set_total, advance, _):
-        summary = run_index(
-            model, k, output, force=force, criterion=criterion, seed=seed, include=targets,
-            exclude=excludes, clip_k=clip_k, progress_total=set_total, progress=advance,
-        )
-    emit(summary.to_dict(), as_json, _human_index)
-
-
-def _human_index(s: dict) -> str:
-    lines = [
-        f"wrote {s['output']}",
-        f"  tensors adapted:      {s['tensors_adapted']}",
-        f"  trainable parameters: {s['trainable_parameters']:,} of {s['model_parameters']:,} "
-        f"({100 * s['trainable_share']:.4f}%)",
-        f"  k={s['k']}, criterion={s['criterion']}, sha256={s['sha256'][:16]}...",
-    ]
-    if s["clipped"]:
-        lines.append(f"  k clipped to d_in for {len(s['clipped'])} tensors")
-    speed = f" ({s['bytes_indexed'] / s['seconds'] / 1e9:.2f} GB/s of adapted weights)" if s["seconds"] >= 0.5 else ""
-    lines.append(f"  {s['seconds']:.1f} s{speed}")
-    if s["selection_kernel"] != "native":
-        lines.append("  note: no C compiler found, so the slower torch selection ran (same result; set CC, see README)")
-    return "\n".join(lines)
-
-
-def _register_optional(name: str, module: str) -> None:
-    """Commands whose modules land in later issues register themselves here when present."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                      epilog=f"\b\nExample:\n  neuroada-tools {name} --help")
-        def placeholder() -> None:
-            """(not yet available in this release)"""
-            _fail(f"'{name}' is not yet available in this release", 2)
-
-        return
-    main.add_command(importlib.import_module(module).command, name)
-
-
-_register_optional("train-sparse", "neuroada_tools.cli.train_sparse")
-_register_optional("merge", "neuroada_tools.cli.merge")
-_register_optional("check", "neuroada_tools.cli.check")
-_register_optional("demo", "neuroada_tools.cli.demo")
+for _module in (index, train_sparse, merge, check, demo):
+    main.add_command(_module.command)
 
 
 if __name__ == "__main__":

@@ -52,14 +52,11 @@ def onnx_predict(onnx_dir: Path, texts: list[str]) -> list[tuple[str, float]]:
 def command(model: Path | None, data: Path | None, label_field: str | None, out: Path, k: int, steps: int,
             lr: float, quiet: bool) -> None:
     """Run index -> train-sparse -> merge (safetensors + ONNX, parity-checked) -> ONNX predictions."""
-    import shutil
-
     from neuroada_tools.check.run import human as human_check
     from neuroada_tools.check.run import run_check
     from neuroada_tools.train.demo_data import TRY_SENTENCES, write_demo_data
     from neuroada_tools.index.build import run_index
-    from neuroada_tools.export.merge import merge_to_folder
-    from neuroada_tools.export.onnx_export import export_onnx
+    from neuroada_tools.export.pipeline import merge_to_onnx
     from neuroada_tools.train.loop import TrainConfig, train
 
     t0 = time.perf_counter()
@@ -85,17 +82,14 @@ def command(model: Path | None, data: Path | None, label_field: str | None, out:
     click.echo(f"[2/4] train-sparse: {ts['steps']} steps in {ts['seconds']:.1f}s, loss {ts['first_loss']:.3f} -> "
                f"{ts['last_loss']:.3f}{acc}; labels {ts['label_names']} -> {delta_path}")
 
-    merged = out / "merged"
-    if merged.exists():
-        shutil.rmtree(merged)
-    merge_to_folder(model, index_path, delta_path, merged, force=True)
-    onnx_dir = out / "onnx"
-    if onnx_dir.exists():
-        shutil.rmtree(onnx_dir)
-    export_onnx(merged, onnx_dir, task="classification")
+    merged, onnx_dir = out / "merged", out / "onnx"
+
+    def parity(merged_dir: Path, onnx: Path) -> dict:
+        return run_check(model, index_path, delta_path, merged_dir=merged_dir, onnx_dir=onnx).to_dict()
+
+    r = merge_to_onnx(model, index_path, delta_path, onnx_dir, merged_output=merged, force=True, check=parity)
     click.echo(f"[3/4] merge: safetensors -> {merged}, ONNX -> {onnx_dir / 'model.onnx'}")
-    r = run_check(model, index_path, delta_path, merged_dir=merged, onnx_dir=onnx_dir)
-    click.echo(human_check(r.to_dict()))
+    click.echo(human_check(r.checked))
 
     click.echo("[4/4] predictions from the ONNX model (onnxruntime, CPU):")
     for text, (label, p) in zip(TRY_SENTENCES, onnx_predict(onnx_dir, TRY_SENTENCES)):

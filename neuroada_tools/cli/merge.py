@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import click
 
 from neuroada_tools.cli.common import emit, handle_errors, progress_bar
-from neuroada_tools.errors import OutputError
 
 EPILOG = """\b
 Examples:
@@ -59,58 +56,40 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
     tokenizer); it appears only when complete.
     """
     from neuroada_tools.check.run import human as human_check
-    from neuroada_tools.export.merge import merge_to_folder, output_dir_checks, remove_stale_temporaries, replace_dir
 
     shard = parse_size(max_shard_size)
     summary: dict = {"to": to}
     if to == "safetensors":
+        from neuroada_tools.export.merge import merge_to_folder
+
         with progress_bar(quiet, "merge") as (set_total, advance, _):
             s = merge_to_folder(model, index, delta, output, dtype=dtype, max_shard_size=shard, force=force,
                                 progress_total=set_total, progress=advance)
         summary.update(s.to_dict())
-        merged_dir, onnx_dir = output, None
+        if check:
+            summary["parity"] = _check(model, index, delta, output, None, with_past, provider)
     else:
-        from neuroada_tools.export.onnx_export import export_onnx
+        from neuroada_tools.export.pipeline import merge_to_onnx
 
-        from neuroada_tools.io.checkpoint import resolve_input
+        def parity(merged_dir: Path, onnx_dir: Path) -> dict:
+            return _check(model, index, delta, merged_dir, onnx_dir, with_past, provider)
 
-        root, _ = resolve_input(model)
-        output_dir_checks(root, output, force)
-        remove_stale_temporaries(output)
-        staging = output.with_name(f".{output.name}.merged-{os.getpid()}")
-        try:
-            with progress_bar(quiet, "merge") as (set_total, advance, _):
-                s = merge_to_folder(model, index, delta, staging, dtype=dtype, max_shard_size=shard, force=True,
-                                    progress_total=set_total, progress=advance)
-            if not quiet:
-                click.echo("exporting ONNX (torch.onnx.export, dynamo, opset 18)...", err=True)
-            if output.exists() and not force:
-                raise OutputError(f"{output}: already exists (use --force to overwrite)")
-            # export next to the output, then swap it in: an existing output stays whole until then
-            fresh = output.with_name(f".{output.name}.onnx-{os.getpid()}")
-            shutil.rmtree(fresh, ignore_errors=True)
-            r = export_onnx(staging, fresh, task=s.task, with_past=with_past, dtype=onnx_dtype)
-            replace_dir(fresh, output)
-            r.model_path = output / r.model_path.name
-            if r.with_past_path is not None:
-                r.with_past_path = output / r.with_past_path.name
-            summary.update(s.to_dict())
-            summary.update(output=str(output), onnx=str(r.model_path), onnx_with_past=str(r.with_past_path or ""),
-                           onnx_inputs=r.input_names, onnx_outputs=r.output_names, external_data=r.external_data,
-                           export_seconds=round(r.seconds, 2))
-            merged_dir, onnx_dir = staging, output
-            if check:
-                summary["parity"] = _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, quiet)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        emit(summary, as_json, lambda d: _human(d, human_check))
-        return
-    if check:
-        summary["parity"] = _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, quiet)
+        with progress_bar(quiet, "merge") as (set_total, advance, bar):
+            r = merge_to_onnx(model, index, delta, output, dtype=dtype, max_shard_size=shard, onnx_dtype=onnx_dtype,
+                              with_past=with_past, force=force, check=parity if check else None,
+                              progress_total=set_total, progress=advance,
+                              say=None if quiet else (lambda msg: (bar.close(), click.echo(msg, err=True))))
+        e = r.export
+        summary.update(r.merge.to_dict())
+        summary.update(output=str(output), onnx=str(e.model_path), onnx_with_past=str(e.with_past_path or ""),
+                       onnx_inputs=e.input_names, onnx_outputs=e.output_names, external_data=e.external_data,
+                       export_seconds=round(e.seconds, 2))
+        if r.checked is not None:
+            summary["parity"] = r.checked
     emit(summary, as_json, lambda d: _human(d, human_check))
 
 
-def _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, quiet) -> dict:
+def _check(model, index, delta, merged_dir, onnx_dir, with_past, provider) -> dict:
     from neuroada_tools.check.run import run_check
     from neuroada_tools.io.checkpoint import resolve_input
 

@@ -19,10 +19,7 @@ Worked example of the arithmetic (one row, k=2, bf16 base): ``W[0] = [1.0, -2.0,
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +27,9 @@ from pathlib import Path
 import torch
 
 from neuroada_tools.io.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
-from neuroada_tools.errors import OutputError, SidecarError
+from neuroada_tools import hf
+from neuroada_tools.errors import SidecarError
+from neuroada_tools.io.outputs import check_output_dir, copy_file, remove_stale_temporaries, staged_dir, write_text
 from neuroada_tools.io.names import match_names
 from neuroada_tools.io.safetensors_file import DTYPES, TORCH_TO_ST, FLOAT_DTYPES, StreamingWriter
 from neuroada_tools.io.sidecar import DENSE_PREFIX, DeltaSidecar, IndexSidecar, read_delta, read_index, verify_fingerprint
@@ -38,7 +37,6 @@ from neuroada_tools.check.binding import check_shapes
 
 SIDE_FILES_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NOT_COPIED = {INDEX_JSON, "config.json"}
-OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -115,20 +113,6 @@ def checked_cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor
     return out
 
 
-def output_dir_checks(model_root: Path, out: Path, force: bool) -> None:
-    """Refuse an output that is, is inside, or contains the base folder; or exists without force."""
-    base = model_root.resolve()
-    o = out.resolve()
-    if o == base or base in o.parents:
-        raise OutputError(f"{out}: output folder is or lies inside the base model folder {model_root}")
-    if o in base.parents:
-        raise OutputError(f"{out}: output folder contains the base model folder {model_root}")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists (use --force to overwrite)")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    if not out.parent.exists():
-        raise OutputError(f"{out.parent}: parent folder does not exist")
 
 
 def load_sidecars(index_path: Path, delta_path: Path) -> tuple[IndexSidecar, DeltaSidecar]:
@@ -197,13 +181,13 @@ def merge_to_folder(
     """Merge and write an ordinary Hugging Face model folder at ``out`` (atomically)."""
     out = Path(out)
     ckpt = open_checkpoint(model)
-    output_dir_checks(ckpt.root, out, force)
+    check_output_dir(ckpt.root, out, force)
     index, delta = load_sidecars(Path(index_path), Path(delta_path))
     check_shapes(index, ckpt)
     task = delta.task or "causal-lm"
     config = _task_config(ckpt, delta, task)
     names = task_names(ckpt, delta, task, config)
-    out_dtype = OUT_DTYPES[dtype] if dtype else None
+    out_dtype = hf.DTYPES[dtype] if dtype else None
 
     def target_dtype(st_dtype: str) -> str:
         if out_dtype is None or st_dtype not in FLOAT_DTYPES:
@@ -223,11 +207,7 @@ def merge_to_folder(
         progress_total(ckpt.total_bytes)
 
     remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         weight_map: dict[str, str] = {}
         buffer = ckpt.buffer_for(list(ckpt.tensors))
         merged = written = 0
@@ -264,13 +244,9 @@ def merge_to_folder(
                 raise
         if len(files) > 1:
             doc = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_text(tmp / INDEX_JSON, json.dumps(doc, indent=2) + "\n")
+            write_text(tmp / INDEX_JSON, json.dumps(doc, indent=2) + "\n")
         _write_config(ckpt, tmp, config, out_dtype, delta)
         _copy_side_files(ckpt.root, tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeSummary(
         output=str(out), files=files, tensors_merged=merged, tensors_copied=len(ckpt.tensors) - merged - len(replaced),
         dense_tensors=len(dense), bytes_written=written,
@@ -306,14 +282,14 @@ def _write_config(ckpt: Checkpoint, tmp: Path, config, out_dtype: torch.dtype | 
     if not src.is_file():
         return
     if out_dtype is None:
-        _copy(src, tmp / "config.json")
+        copy_file(src, tmp / "config.json")
         return
     doc = json.loads(src.read_text(encoding="utf-8"))
     name = str(out_dtype).removeprefix("torch.")
     doc["dtype"] = name
     if "torch_dtype" in doc:
         doc["torch_dtype"] = name
-    _write_text(tmp / "config.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_text(tmp / "config.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _task_arch(config, task: str) -> str:
@@ -326,62 +302,7 @@ def _task_arch(config, task: str) -> str:
 def _copy_side_files(root: Path, tmp: Path) -> None:
     for f in sorted(root.iterdir()):
         if f.is_file() and f.suffix in SIDE_FILES_SUFFIXES and f.name not in NOT_COPIED and not (tmp / f.name).exists():
-            _copy(f, tmp / f.name)
+            copy_file(f, tmp / f.name)
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """``shutil.copyfile`` whose write errors name ``dst``: on a full disk shutil names the
-    *source*, which would read as if the base model were at fault."""
-    try:
-        shutil.copyfile(src, dst)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-            raise OSError(e.errno, e.strerror or str(e), str(dst)) from None
-        raise
 
-
-def _write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-
-
-def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete temporaries a killed run left next to ``out`` (``.NAME.<kind>-PID`` whose PID is gone)."""
-    removed = []
-    if not out.parent.is_dir():
-        return removed
-    prefix = f".{out.name}."
-    for p in out.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        kind, _, pid = p.name[len(prefix):].rpartition("-")
-        if kind not in ("tmp", "old", "merged", "onnx") or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # that process still runs: not ours to delete
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing ``out`` (with --force) goes only after."""
-    _replace(tmp, out)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing ``out`` (with --force) goes only after."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +30,8 @@ from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.errors import TargetError
 from neuroada_tools.kernels.native import cache_dir
 from neuroada_tools.io.names import match_names
-from neuroada_tools.io.safetensors_file import FLOAT_DTYPES, atomic_file
+from neuroada_tools.io.outputs import atomic_file
+from neuroada_tools.io.safetensors_file import FLOAT_DTYPES
 
 _BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
 _NOT_A_PROJECTION = re.compile(r"(norm|ln_|layernorm|embed|wte|wpe|rotary|bias$)", re.IGNORECASE)
@@ -78,29 +78,23 @@ def architecture_linears(config: dict) -> dict[str, bool] | None:
     import transformers
     from transformers.pytorch_utils import Conv1D
 
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
+    from neuroada_tools.hf import quiet_transformers
+
     try:
-        cfg = transformers.AutoConfig.for_model(**config)
+        with quiet_transformers():
+            cfg = transformers.AutoConfig.for_model(**config)
     except Exception:
         return None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     cls = None
     for arch in config.get("architectures") or []:
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if cls is not None:
             break
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
+        with quiet_transformers(), torch.device("meta"):
             model = cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
     except Exception:
         return None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     out: dict[str, bool] = {}
     for mname, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):

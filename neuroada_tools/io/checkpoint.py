@@ -8,13 +8,13 @@ unpickles anything (``pytorch_model.bin`` is not read) and never reads a whole s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
+from neuroada_tools.io.jsontext import parse_json
 from neuroada_tools.errors import CheckpointError
 from neuroada_tools.io.safetensors_file import Header, RawTensor, duplicate_key_hook, read_header, read_tensor
 
@@ -129,12 +129,8 @@ def _read_shard_map(index_path: Path) -> dict[str, Path]:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{label}: invalid JSON ({e})") from None
 
-    try:
-        doc = json.loads(text, object_pairs_hook=duplicate_key_hook("tensor {key!r} listed twice"))
-    except ValueError as e:
-        raise CheckpointError(f"{label}: invalid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{label}: invalid JSON (nested too deeply)") from None
+    doc = parse_json(text, CheckpointError, f"{label}: invalid JSON ({{why}})", f"{label}: invalid JSON (nested too deeply)",
+                     hook=duplicate_key_hook("tensor {key!r} listed twice"))
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{label}: no weight_map")
@@ -165,13 +161,10 @@ def _read_config(root: Path) -> dict | None:
     if not cfg.is_file():
         return None
     try:
-        doc = json.loads(cfg.read_text(encoding="utf-8"))
+        raw = cfg.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{cfg}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{cfg}: invalid JSON (nested too deeply)") from None
+    doc = parse_json(raw, CheckpointError, f"{cfg}: invalid JSON ({{why}})", f"{cfg}: invalid JSON (nested too deeply)")
     if not isinstance(doc, dict):
         raise CheckpointError(f"{cfg}: not a JSON object")
     return doc

@@ -17,14 +17,13 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from neuroada_tools.errors import CheckpointError, NeuroAdaError, OutputError
+from neuroada_tools.io.jsontext import parse_json
+from neuroada_tools.errors import CheckpointError, NeuroAdaError
 
 # safetensors dtype string -> (torch dtype, item size in bytes)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -134,12 +133,8 @@ def read_header(path: Path | str, error: type[NeuroAdaError] = CheckpointError) 
             raw = f.read(n)
     except OSError as e:
         raise error(f"{label}: cannot read ({e.strerror or e})") from None
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise error(f"{label}: not a safetensors file (header is not valid JSON: {e})") from None
-    except RecursionError:
-        raise error(f"{label}: not a safetensors file (header JSON nested too deeply)") from None
+    doc = parse_json(raw, error, f"{label}: not a safetensors file (header is not valid JSON: {{why}})",
+                     f"{label}: not a safetensors file (header JSON nested too deeply)", hook=_no_duplicates)
     if not isinstance(doc, dict):
         raise error(f"{label}: not a safetensors file (header is not a JSON object)")
     data_start = 8 + n
@@ -363,42 +358,4 @@ def write_file(
         w.close()
     except BaseException:
         w.abort()
-        raise
-
-
-def temp_name(final: Path) -> Path:
-    """The temporary name used while ``final`` is being written (same folder, so rename is atomic)."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def check_output(final: Path, force: bool, inputs: list[Path] = ()) -> None:
-    """Refuse an output that exists (unless ``force``) or that is one of the inputs."""
-    final = Path(final)
-    for inp in inputs:
-        try:
-            if final.exists() and Path(inp).exists() and final.samefile(inp):
-                raise OutputError(f"{final}: output path is an input; choose another -o")
-        except OSError:
-            pass
-        if final.resolve() == Path(inp).resolve():
-            raise OutputError(f"{final}: output path is an input; choose another -o")
-    if final.exists() and not force:
-        raise OutputError(f"{final}: already exists (use --force to overwrite)")
-    if not final.parent.exists():
-        raise OutputError(f"{final.parent}: output folder does not exist")
-
-
-@contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it into place only if the block succeeds."""
-    final = Path(final)
-    tmp = temp_name(final)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
         raise

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from neuroada_tools import __version__
+from neuroada_tools.io.jsontext import parse_json
 from neuroada_tools.errors import FingerprintError, SidecarError
 from neuroada_tools.io.safetensors_file import StreamingWriter, read_all, read_header, short_repr, write_file
 from neuroada_tools.index.criteria import CRITERIA
@@ -266,12 +267,8 @@ def _int_field(label: str, meta: dict[str, str], key: str, minimum: int) -> int:
 def _parse_entries(label: str, raw: str | None) -> dict[str, TensorEntry]:
     if raw is None:
         raise SidecarError(f"{label}: missing neuroada.tensors metadata")
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise SidecarError(f"{label}: neuroada.tensors is not valid JSON ({e})") from None
-    except RecursionError:
-        raise SidecarError(f"{label}: neuroada.tensors is nested too deeply") from None
+    doc = parse_json(raw, SidecarError, f"{label}: neuroada.tensors is not valid JSON ({{why}})",
+                     f"{label}: neuroada.tensors is nested too deeply")
     if not isinstance(doc, dict):
         raise SidecarError(f"{label}: neuroada.tensors must be a JSON object")
     out: dict[str, TensorEntry] = {}
@@ -330,12 +327,8 @@ def read_delta(path: Path | str, index: IndexSidecar | None = None) -> DeltaSide
     index_digest = meta.get("neuroada.index_sha256", "")
     if not _HEX64.fullmatch(index_digest):
         raise SidecarError(f"{label}: neuroada.index_sha256 must be 64 lowercase hex digits")
-    try:
-        info = json.loads(meta.get("neuroada.info", "{}") or "{}")
-    except ValueError as e:
-        raise SidecarError(f"{label}: neuroada.info is not valid JSON ({e})") from None
-    except RecursionError:
-        raise SidecarError(f"{label}: neuroada.info is nested too deeply") from None
+    info = parse_json(meta.get("neuroada.info", "{}") or "{}", SidecarError,
+                      f"{label}: neuroada.info is not valid JSON ({{why}})", f"{label}: neuroada.info is nested too deeply")
     if not isinstance(info, dict):
         raise SidecarError(f"{label}: neuroada.info must be a JSON object")
     deltas: dict[str, torch.Tensor] = {}

@@ -75,7 +75,7 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
-    from neuroada_tools.io.safetensors_file import atomic_file  # (imports torch: not at module level)
+    from neuroada_tools.io.outputs import atomic_file  # (imports torch: not at module level)
 
     parts = [p.read_bytes() for p in _SOURCES]
     parts += [cc.encode(), " ".join(_FLAGS + _NATIVE_ARCH).encode(), platform.machine().encode(), sys.platform.encode()]

@@ -97,7 +97,8 @@ from neuroada_tools.train.data import (
     read_records,
 )
 from neuroada_tools.errors import DataError, ModelError, OutputError, TrainingError
-from neuroada_tools.io.safetensors_file import atomic_file, read_all, read_header, write_file
+from neuroada_tools.io.outputs import atomic_file
+from neuroada_tools.io.safetensors_file import read_all, read_header, write_file
 from neuroada_tools.io.sidecar import file_digest, read_index, write_delta
 from neuroada_tools.hf import TASKS, default_task, load_model, task_config
 from neuroada_tools.check.binding import verify_base
