@@ -31,3 +31,41 @@ from fixtures.build import build_all  # noqa: E402
 def fixture_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name -> model folder, for every name in `fixtures.build.NAMES`."""
     return build_all(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="session")
+def lm_tok():
+    """A byte-level BPE tokenizer (GPT-2-like, no prefix), trained on a few sentences."""
+    from tests.datakit import _bpe_tokenizer
+
+    return _bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bos_tok():
+    """The same BPE tokenizer with a ``<s>`` prefix (Llama-like)."""
+    from tests.datakit import _bpe_tokenizer
+
+    return _bpe_tokenizer(bos_prefix=True)
+
+
+@pytest.fixture(scope="session")
+def enc_tok():
+    """A WordPiece tokenizer with ``[CLS]``/``[SEP]`` and token type ids (BERT-like)."""
+    from tests.datakit import _wordpiece_tokenizer
+
+    return _wordpiece_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """``$NEUROADA_DATA`` (default ``../shared/data``); skipped when missing, unless ``CI=true``."""
+    path = Path(os.environ.get("NEUROADA_DATA", _REPO_ROOT.parent / "shared" / "data"))
+    if (
+        not (path / "boolq" / "train.json").is_file()
+        or not (path / "arc-easy" / "train.json").is_file()
+    ):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real data not found at {path} (set NEUROADA_DATA)")
+        pytest.skip(f"real data not found at {path} (set NEUROADA_DATA)")
+    return path

@@ -32,7 +32,7 @@ def boolq_slice(tmp_path: Path, n: int, split: str = "train") -> Path:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from neuroada_tools.train.demo_data import minilm_path
+    from neuroada_tools.train.data.demo import minilm_path
 
     try:
         return minilm_path()

@@ -375,7 +375,7 @@ def test_instruction_data_prompt_masking_and_train_on_prompt(fixture_models, wor
     s = train(config(fixture_models, w, "llama", out, data="inst", max_steps=2, train_on_prompt=True))
     assert s.steps == 2 and s.target_tokens == 2 * 2 * 31  # every token but the first is a target
     # with a short template the response fits: only its tokens (+ eos) are targets
-    monkeypatch.setattr(data_mod, "PROMPT_TEMPLATE_NO_INPUT", "Q: {instruction}\nA: ")
+    monkeypatch.setattr(data_mod.prompts, "PROMPT_TEMPLATE_NO_INPUT", "Q: {instruction}\nA: ")
     s = train(config(fixture_models, w, "llama", out, data="inst", max_steps=2, force=True))
     from transformers import AutoTokenizer
 

