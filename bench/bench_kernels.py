@@ -39,6 +39,7 @@ native.shorten_openmp_spin()  # as the CLI does (an exported GOMP_SPINCOUNT wins
 import torch  # noqa: E402
 
 from neuroada_tools.train import bypass  # noqa: E402
+from neuroada_tools.train.bypass import ops as bypass_ops  # noqa: E402
 from neuroada_tools.index.criteria import select  # noqa: E402
 
 SHAPES = [(4096, 4096, 512), (4096, 11008, 512), (1024, 1024, 2048)]  # d_in, d_out, T
@@ -66,7 +67,7 @@ def with_backend(backend: str, threads: int, g, x, idx, team: bool = True):
     """bypass.sddmm with ``backend`` on ``threads`` threads; ``team=False``: the compiled kernel
     unbound from torch's OpenMP team (threads started per call), bound again after the call."""
     def run():
-        old, bypass.SDDMM_BACKEND = bypass.SDDMM_BACKEND, backend
+        old, bypass_ops.SDDMM_BACKEND = bypass_ops.SDDMM_BACKEND, backend
         torch.set_num_threads(threads)
         lib = native.kernel()
         if not team:
@@ -74,7 +75,7 @@ def with_backend(backend: str, threads: int, g, x, idx, team: bool = True):
         try:
             bypass.sddmm(g, x, idx)
         finally:
-            bypass.SDDMM_BACKEND = old
+            bypass_ops.SDDMM_BACKEND = old
             torch.set_num_threads(2)
             if not team:
                 lib.neuroada_sddmm_set_openmp(*_TEAM)
@@ -142,8 +143,8 @@ def main() -> None:
                                                          w0.data_ptr(), delta.data_ptr(), d_out, k, 2),
                 "compiled": lambda: lib.neuroada_refresh_f32(W.data_ptr(), W.stride(0), W.stride(1), idx.data_ptr(),
                                                              w0.data_ptr(), delta.data_ptr(), d_out, k, 1),
-                "torch": lambda: W.scatter_(1, idx, w0 + delta),  # the torch path of bypass._neuroada_refresh
-                # what every refresh adds to decide whether it can be skipped (bypass._neuroada_refresh):
+                "torch": lambda: W.scatter_(1, idx, w0 + delta),  # the torch path of layer._neuroada_refresh
+                # what every refresh adds to decide whether it can be skipped (layer._neuroada_refresh):
                 # compare the delta's bits with those last written, keep a copy
                 "check": lambda: lib.neuroada_keep_if_changed(kept.data_ptr(), delta.data_ptr(), delta.numel() * 4),
             }

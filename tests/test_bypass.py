@@ -11,6 +11,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neuroada_tools.train import bypass
+from neuroada_tools.train.bypass import layer as bypass_layer
+from neuroada_tools.train.bypass import ops as bypass_ops
 from neuroada_tools.train.bypass import (
     attach,
     count_trainable,
@@ -75,7 +77,7 @@ def _naive(layer: nn.Module, kind: str, idx: torch.Tensor, delta: torch.Tensor, 
 @pytest.mark.parametrize("lead", [(7,), (2, 5)])
 @pytest.mark.parametrize("k", [1, 12])
 def test_grads_match_naive(monkeypatch, backend, kind, bias, lead, k):
-    monkeypatch.setattr(bypass, "SDDMM_BACKEND", backend)
+    monkeypatch.setattr(bypass_ops, "SDDMM_BACKEND", backend)
     torch.manual_seed(0)
     d_in, d_out = 12, 9
     layer = _layer(kind, d_in, d_out, bias)
@@ -107,9 +109,9 @@ def test_grads_match_naive(monkeypatch, backend, kind, bias, lead, k):
 @pytest.mark.parametrize("backend", ["native", "sampled_addmm", "columns", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sddmm_blocks_and_dtypes(monkeypatch, backend, dtype):
-    monkeypatch.setattr(bypass, "SDDMM_BACKEND", backend)
-    monkeypatch.setattr(bypass, "_L3_FLOATS", 1000)
-    monkeypatch.setattr(bypass, "_L2_FLOATS", 1000)
+    monkeypatch.setattr(bypass_ops, "SDDMM_BACKEND", backend)
+    monkeypatch.setattr(bypass_ops, "_L3_FLOATS", 1000)
+    monkeypatch.setattr(bypass_ops, "_L2_FLOATS", 1000)
     torch.manual_seed(8)
     T, d_in, d_out, k = 600, 16, 8, 5  # with the block threshold lowered: several blocks, the last short
     g, x = torch.randn(T, d_out).to(dtype), torch.randn(T, d_in).to(dtype)
@@ -257,7 +259,7 @@ def test_refresh_skipped_only_while_weight_and_delta_are_unchanged(kind):
     v = layer.weight._version
     model(x)
     model(x).sum().backward()
-    if bypass.native.kernel() is not None:  # the skip needs the compiled compare
+    if bypass_ops.native.kernel() is not None:  # the skip needs the compiled compare
         assert layer.weight._version == v  # nothing written: the delta did not change
 
     torch.optim.AdamW([delta], lr=0.1, fused=True).step()  # fused: does not bump delta._version
@@ -308,7 +310,7 @@ def test_merge_in_place_equals_fused_forward():
     with torch.no_grad():
         fused = model(x)
     merge_in_place(model)
-    assert not any(isinstance(m, bypass._BypassMixin) for m in model.modules())
+    assert not any(isinstance(m, bypass_layer._BypassMixin) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(x), fused)
 
@@ -468,7 +470,7 @@ def test_error_index_tensor_not_in_model():
     before = {n: t.clone() for n, t in model.state_dict().items()}
     with pytest.raises(ModelError, match=r"'model\.layers\.9\.mlp\.up_proj\.weight'"):
         attach(model, index)
-    assert not any(isinstance(m, bypass._BypassMixin) for m in model.modules())
+    assert not any(isinstance(m, bypass_layer._BypassMixin) for m in model.modules())
     assert model.state_dict().keys() == before.keys()
     assert all(p.requires_grad for p in model.parameters())
 

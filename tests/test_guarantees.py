@@ -135,10 +135,14 @@ def scan_source(source: str, filename: str = "<src>") -> list[str]:
                 if a.arg == "trust_remote_code" and not (isinstance(d, ast.Constant) and d.value is False):
                     hit(node, f"def {node.name}(trust_remote_code={ast.unparse(d)})")
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if node.target.id == "trust_remote_code" and node.value is not None and not (
-                isinstance(node.value, ast.Constant) and node.value.value is False
+            value = node.value
+            if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field"
+                    and any(kw.arg == "default" for kw in value.keywords)):
+                value = next(kw.value for kw in value.keywords if kw.arg == "default")  # dataclasses.field(default=...)
+            if node.target.id == "trust_remote_code" and value is not None and not (
+                isinstance(value, ast.Constant) and value.value is False
             ):
-                hit(node, f"trust_remote_code default {ast.unparse(node.value)}")
+                hit(node, f"trust_remote_code default {ast.unparse(value)}")
     return found
 
 
@@ -169,6 +173,8 @@ def test_scanner_catches_every_pattern():
         def g(trust_remote_code=True): ...
         class C:
             trust_remote_code: bool = True
+        class D:
+            trust_remote_code: bool = field(default=True, metadata={})
     """)
     found = scan_source(bad)
     for what in ("import pickle", "import dill", "from joblib", "from torch import load", "torch.load",
@@ -176,6 +182,7 @@ def test_scanner_catches_every_pattern():
                  "getattr(..., 'load')", "trust_remote_code=True", "trust_remote_code=os.environ",
                  "'trust_remote_code': True", "def g(trust_remote_code=True)", "trust_remote_code default True"):
         assert any(what in f for f in found), (what, found)
+    assert sum("trust_remote_code default True" in f for f in found) == 2  # the plain and the field() default
     ok = textwrap.dedent("""
         def load_model(d, trust_remote_code: bool = False):
             return A.from_pretrained(d, trust_remote_code=trust_remote_code)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroada_tools.train import bypass
+from neuroada_tools.train.bypass import layer as bypass_layer
+from neuroada_tools.train.bypass import ops as bypass_ops
 from neuroada_tools.kernels import native
 from neuroada_tools.errors import NeuroAdaError
 from neuroada_tools.index.criteria import select
@@ -97,7 +98,7 @@ def test_native_sddmm_equals_dense_gradient(dtype, T, d_in, d_out, k):
     idx = torch.rand(d_out, d_in, generator=g0).topk(k, dim=1).indices.sort(dim=1).values.to(torch.int32)
     dense = g.double().t() @ x.double()  # [d_out, d_in]
     want = dense.gather(1, idx.long()).float()
-    got = bypass._sddmm_native(lib, g, x, idx)
+    got = bypass_ops._sddmm_native(lib, g, x, idx)
     assert got.dtype == torch.float32 and got.shape == (d_out, k)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -109,7 +110,7 @@ def test_native_sddmm_worked_example():
     g = torch.tensor([[1.0, 2.0]])
     x = torch.tensor([[3.0, 4.0, 5.0]])
     idx = torch.tensor([[2], [0]], dtype=torch.int32)
-    assert bypass._sddmm_native(lib, g, x, idx).tolist() == [[5.0], [6.0]]
+    assert bypass_ops._sddmm_native(lib, g, x, idx).tolist() == [[5.0], [6.0]]
 
 
 def test_native_sddmm_strided_rows():
@@ -122,7 +123,7 @@ def test_native_sddmm_strided_rows():
     x, g = big_x[:, 5:45], big_g[:, :20]
     idx = torch.rand(20, 40).topk(4, dim=1).indices.sort(dim=1).values.to(torch.int32)
     want = (g.t() @ x).gather(1, idx.long())
-    torch.testing.assert_close(bypass._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bypass_ops._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)
 
 
 def test_unwritable_cache_still_builds(monkeypatch, tmp_path):
@@ -151,7 +152,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
         x = torch.randn(150, 45, generator=g0).to(dtype)
         idx = torch.rand(37, 45, generator=g0).topk(11, dim=1).indices.sort(dim=1).values.to(torch.int32)
         torch.testing.assert_close(
-            bypass._sddmm_native(portable, g, x, idx), bypass._sddmm_native(fast, g, x, idx), rtol=1e-5, atol=1e-5
+            bypass_ops._sddmm_native(portable, g, x, idx), bypass_ops._sddmm_native(fast, g, x, idx), rtol=1e-5, atol=1e-5
         )
     w = (torch.randn(300, 500, generator=g0) * 0.02).to(torch.bfloat16)
     want = select(w, 20)
@@ -176,7 +177,7 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, parts, monkey
     from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
-    monkeypatch.setattr(bypass, "_REFRESH_ENTRIES_PER_PART", 16)  # 24 rows x 7: up to 10 parts
+    monkeypatch.setattr(bypass_layer, "_REFRESH_ENTRIES_PER_PART", 16)  # 24 rows x 7: up to 10 parts
     results = []
     for lib in (sddmm_lib, None):
         torch.manual_seed(0)
@@ -207,17 +208,17 @@ def test_native_sddmm_thread_split(threads, monkeypatch, sddmm_lib):
     the dense gradient, and the same thread count gives the same bits twice."""
     lib = sddmm_lib
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # split T=130 and T=700 as finely as C allows
-    monkeypatch.setattr(bypass, "_TOKENS_PER_STARTED_THREAD", 64)
+    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_THREAD", 64)  # split T=130 and T=700 as finely as C allows
+    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(threads)
     for T in (1, 63, 64, 130, 700):
         g = torch.randn(T, 24, generator=g0)
         x = torch.randn(T, 90, generator=g0)
         idx = torch.rand(24, 90, generator=g0).topk(13, dim=1).indices.sort(dim=1).values.to(torch.int32)
         want = (g.double().t() @ x.double()).gather(1, idx.long()).float()
-        first = bypass._sddmm_native(lib, g, x, idx)
+        first = bypass_ops._sddmm_native(lib, g, x, idx)
         torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(bypass._sddmm_native(lib, g, x, idx), first)
+        assert torch.equal(bypass_ops._sddmm_native(lib, g, x, idx), first)
 
 
 @pytest.fixture(params=["openmp team", "threads started per call"])
@@ -256,16 +257,16 @@ def test_openmp_team_and_started_threads_give_the_same_bits(threads, monkeypatch
     if lib is None or not native.openmp_bound():
         pytest.skip("no OpenMP team to compare with")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # the same part count on both paths
-    monkeypatch.setattr(bypass, "_TOKENS_PER_STARTED_THREAD", 64)
+    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_THREAD", 64)  # the same part count on both paths
+    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(threads)
     g = torch.randn(700, 50, generator=g0)
     x = torch.randn(700, 90, generator=g0)
     idx = torch.rand(50, 90, generator=g0).topk(13, dim=1).indices.sort(dim=1).values.to(torch.int32)
-    team = bypass._sddmm_native(lib, g, x, idx)
+    team = bypass_ops._sddmm_native(lib, g, x, idx)
     try:
         native.bind_openmp(lib, None)
-        started = bypass._sddmm_native(lib, g, x, idx)
+        started = bypass_ops._sddmm_native(lib, g, x, idx)
     finally:
         native.bind_openmp(lib)
     assert torch.equal(team.view(torch.int32), started.view(torch.int32))
@@ -279,8 +280,8 @@ def test_native_sddmm_from_several_threads_at_once(monkeypatch, sddmm_lib):
 
     lib = sddmm_lib
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(bypass, "_TOKENS_PER_THREAD", 64)  # T=300: two parts per call
-    monkeypatch.setattr(bypass, "_TOKENS_PER_STARTED_THREAD", 64)
+    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_THREAD", 64)  # T=300: two parts per call
+    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(11)
     cases = []
     for _ in range(4):
@@ -293,7 +294,7 @@ def test_native_sddmm_from_several_threads_at_once(monkeypatch, sddmm_lib):
     def run(case):
         g, x, idx, want = case
         for _ in range(30):
-            got = bypass._sddmm_native(lib, g, x, idx)
+            got = bypass_ops._sddmm_native(lib, g, x, idx)
             if not torch.allclose(got, want, rtol=1e-5, atol=1e-4):
                 errors.append("mismatch")
                 return

@@ -2,15 +2,19 @@
 
 ``check_shapes`` is free (headers only); ``verify_base`` streams each adapted tensor once and
 compares its fingerprint, so a sidecar made from another base of the same shapes is refused with
-an error naming the first tensor that differs.
+an error naming the first tensor that differs; ``verify_loaded`` does the same on the weights of a
+model already loaded (training: the base is read once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.errors import FingerprintError
+from neuroada_tools.io.names import match_names
 from neuroada_tools.io.sidecar import IndexSidecar, verify_fingerprint
 
 
@@ -30,10 +34,11 @@ def check_shapes(index: IndexSidecar, ckpt: Checkpoint) -> None:
             )
 
 
-def verify_base(index: IndexSidecar, ckpt: Checkpoint, progress: Callable[[int], None] | None = None) -> None:
-    """Stream the adapted tensors and compare fingerprints (raises ``FingerprintError``)."""
+def verify_base(index: IndexSidecar, ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
+                names: list[str] | None = None) -> None:
+    """Stream the adapted tensors (or only ``names``) and compare fingerprints (``FingerprintError``)."""
     check_shapes(index, ckpt)
-    names = sorted(index.entries)
+    names = sorted(index.entries) if names is None else sorted(names)
     buffer = ckpt.buffer_for(names)
     for name in names:
         stored = ckpt.read(name, buffer)
@@ -41,3 +46,35 @@ def verify_base(index: IndexSidecar, ckpt: Checkpoint, progress: Callable[[int],
         verify_fingerprint(index, name, logical, str(ckpt.root))
         if progress:
             progress(ckpt.tensors[name].raw.nbytes)
+
+
+_EXACT_IN = {  # loaded dtype -> stored dtypes whose values it holds exactly
+    torch.float32: {"F32", "BF16", "F16"},
+    torch.bfloat16: {"BF16"},
+    torch.float16: {"F16"},
+    torch.float64: {"F64", "F32", "BF16", "F16"},
+}
+
+
+def verify_loaded(index: IndexSidecar, model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Compare fingerprints on the weights ``model`` already loaded, so training reads the base once.
+
+    A weight loaded in a dtype that holds the stored values exactly (the base's own dtype, or an
+    upcast) is fingerprinted in memory. A weight loaded in a narrower dtype (``--dtype bf16`` over
+    an fp32 base) has lost the bits the fingerprint hashes, so that tensor alone is streamed from
+    the checkpoint again (the one case where the base is read twice). Raises ``FingerprintError``
+    naming the first tensor that differs.
+    """
+    params = dict(model.named_parameters())
+    mapping = match_names(sorted(index.entries), list(params))
+    from_file = []
+    for name in sorted(index.entries):
+        p = params.get(mapping.get(name, ""))
+        stored = ckpt.tensors[name].dtype if name in ckpt.tensors else None
+        if p is None or stored not in _EXACT_IN.get(p.dtype, set()):
+            from_file.append(name)
+            continue
+        logical = p.detach().t() if index.entries[name].transposed else p.detach()
+        verify_fingerprint(index, name, logical.cpu(), str(ckpt.root))
+    if from_file:
+        verify_base(index, ckpt, names=from_file)

@@ -1,12 +1,16 @@
-"""``neuroada-tools train-sparse``: parse options, call ``train.train``, print the summary."""
+"""``neuroada-tools train-sparse``: options from ``TrainConfig``'s fields, then ``train()``, then the summary."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from neuroada_tools.cli.common import emit, handle_errors, progress_bar
+from neuroada_tools.train.config import TrainConfig
 
 EPILOG = """\b
 Example:
@@ -17,54 +21,45 @@ Example:
       --data sst2.jsonl --eval-data sst2-dev.jsonl --task classification -o sst2.delta.safetensors
 """
 
-_PATH = click.Path(path_type=Path)
+
+
+def config_options(fn: Callable) -> Callable:
+    """One click option per ``TrainConfig`` field, from the field's metadata (``train/config.py``)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        meta = f.metadata
+        flags = meta["option"].split("/")
+        kind = hints[f.name]
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        required = f.default is dataclasses.MISSING
+        kw: dict = {"help": meta["help"], "required": required}
+        if base is bool:
+            kw["is_flag"] = True
+        else:
+            if "choices" in meta:
+                kw["type"] = click.Choice(list(meta["choices"]))
+            elif base is Path:
+                kw["type"] = click.Path(path_type=Path)
+            elif base is int:
+                kw["type"] = click.IntRange(min=meta["min"]) if "min" in meta else int
+            elif base is float:
+                kw["type"] = click.FloatRange(min=meta["min"]) if "min" in meta else float
+            if not required:
+                kw["default"] = f.default
+            if meta.get("show_default"):
+                kw["show_default"] = True
+            if "metavar" in meta:
+                kw["metavar"] = meta["metavar"]
+        fn = click.option(*flags, f.name, **kw)(fn)
+    return fn
 
 
 @click.command("train-sparse", epilog=EPILOG)
-@click.option("--model", required=True, type=_PATH, help="Base model folder (config.json, safetensors, tokenizer).")
-@click.option("--index", "index", required=True, type=_PATH, help="Index sidecar made from this model (neuroada-tools index).")
-@click.option("--data", required=True, type=_PATH,
-              help="Training data: JSON list or JSONL of instruction records (instruction, input, output), "
-                   "{\"text\": ...} records, or classification records (text + label).")
-@click.option("-o", "--output", required=True, type=_PATH,
-              help="Delta sidecar to write (*.delta.safetensors); the resume state is written beside it "
-                   "(NAME.state.safetensors).")
-@click.option("--task", type=click.Choice(["causal-lm", "classification", "multiple-choice"]), default=None,
-              help="Default: from the config (causal-lm for decoders, classification for encoders).")
-@click.option("--num-labels", type=click.IntRange(min=1), default=None,
-              help="Classification: number of classes (default: from the data's labels).")
-@click.option("--label-field", default=None, metavar="FIELD",
-              help="Classification: record field holding the label (default 'label'; 'answer' for instruction data).")
-@click.option("--text-field", default=None, metavar="FIELD",
-              help="Classification: record field holding the text (default 'text'; instruction [+ input] for instruction data).")
-@click.option("--eval-data", type=_PATH, default=None, help="Evaluate on this file at the end: loss, and accuracy for classification.")
-@click.option("--lr", type=float, default=7e-4, show_default=True, help="Peak learning rate (paper: 7e-4 at k=20, 9e-3 at k=1).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay (deltas and head weights).")
-@click.option("--warmup-ratio", type=float, default=0.06, show_default=True, help="Share of the steps with linear warmup; then linear decay to 0.")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the data (unless --max-steps).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps to train; overrides --epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--max-length", type=click.IntRange(min=1), default=256, show_default=True, help="Cut longer examples to this many tokens.")
-@click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Clip the gradient norm (0: no clipping).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for data order, head initialisation and dropout.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Dtype to load the base model in; deltas, head and optimizer state are fp32 always.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda or cuda:N.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
-@click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Write the delta and resume state every N steps (0: only at the end).")
-@click.option("--resume", is_flag=True, help="Continue from the resume state beside -o (same data and settings).")
-@click.option("--train-on-prompt", is_flag=True, help="Causal LM: train on the prompt tokens too (default: response only).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code (off by default).")
-@click.option("--force", is_flag=True, help="Overwrite an existing delta sidecar and resume state.")
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def command(model, index, data, output, task, num_labels, label_field, text_field, eval_data, lr, weight_decay,
-            warmup_ratio, epochs, max_steps, batch_size, grad_accum, max_length, max_grad_norm, seed, dtype, device,
-            gradient_checkpointing, save_every, resume, train_on_prompt, trust_remote_code, force, as_json,
-            quiet) -> None:
+def command(as_json: bool, quiet: bool, **options) -> None:
     """Train NeuroAda deltas (and a classification head) of MODEL on DATA; write a delta sidecar.
 
     Only the bypass deltas selected by the index (and, for classification or multiple choice,
@@ -73,18 +68,11 @@ def command(model, index, data, output, task, num_labels, label_field, text_fiel
     reported with the file and line before training starts. Causal-LM instruction data uses the
     Alpaca / LLM-Adapters prompt template and trains on the response only.
     """
-    from neuroada_tools.train.loop import TrainConfig, train
+    from neuroada_tools.train.loop import train
 
-    if num_labels is not None and task not in (None, "classification"):
+    if options["num_labels"] is not None and options["task"] not in (None, "classification"):
         raise click.UsageError("--num-labels only applies to --task classification")
-    cfg = TrainConfig(
-        model=model, index=index, data=data, output=output, task=task, num_labels=num_labels,
-        label_field=label_field, text_field=text_field, eval_data=eval_data, lr=lr, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        grad_accum=grad_accum, max_length=max_length, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
-        device=device, gradient_checkpointing=gradient_checkpointing, save_every=save_every, resume=resume,
-        train_on_prompt=train_on_prompt, trust_remote_code=trust_remote_code, force=force,
-    )
+    cfg = TrainConfig(**options)
     with progress_bar(quiet, "train", unit="step") as (set_total, advance, bar):
 
         def on_start(total: int, start: int) -> None:

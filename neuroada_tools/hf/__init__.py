@@ -182,6 +182,19 @@ def load_complete(model_dir: Path, task: str | None = None) -> tuple[torch.nn.Mo
     return model, task
 
 
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    """The tokenizer of ``model_dir`` (local files only)."""
+    import transformers
+
+    try:
+        with quiet_transformers():
+            return transformers.AutoTokenizer.from_pretrained(
+                str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
+            )
+    except Exception as e:  # transformers raises many kinds; the message is what matters
+        raise ModelError(f"{model_dir}: cannot load the tokenizer ({first_line(e)})") from None
+
+
 def meta_parameter_names(config, task: str) -> list[str]:
     """State-dict parameter names of the ``task`` model for ``config``, built on the meta device."""
     cls = auto_class(task)

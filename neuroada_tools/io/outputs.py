@@ -93,6 +93,29 @@ def check_empty_output_dir(model_dir: Path, out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: output folder lies inside the model folder {model_dir}")
 
 
+def check_delta_outputs(output: Path, state_file: Path, model_dir: Path, inputs: Iterable[Path | None], *,
+                        force: bool, resume: bool) -> None:
+    """Refuse the outputs of a training run (delta sidecar and resume state): a missing folder, a
+    path inside the base model folder or equal to an input, an existing file without ``force``;
+    with ``resume``, a missing resume state."""
+    if not output.parent.is_dir():
+        raise OutputError(f"{output.parent}: output folder does not exist")
+    root = model_dir.resolve()
+    for path in (output, state_file):
+        if path.resolve().is_relative_to(root):
+            raise OutputError(f"{path}: lies inside the base model folder {model_dir}; write the delta elsewhere")
+        for inp in inputs:
+            if inp is not None and path.resolve() == Path(inp).resolve():
+                raise OutputError(f"{path}: output path is an input; choose another -o")
+    if resume:
+        if not state_file.is_file():
+            raise OutputError(f"{state_file}: no resume state to continue from (train without --resume first)")
+        return
+    for path in (output, state_file):
+        if path.exists() and not force:
+            raise OutputError(f"{path}: already exists (use --force to overwrite, or --resume to continue)")
+
+
 @contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it into place only if the block succeeds."""

@@ -60,9 +60,22 @@ class IndexSidecar:
     seed: int | None = None
     model_type: str = ""
     digest: str = ""  # SHA-256 of the file bytes; set by read_index / write_index
+    #: names whose index rows passed ``check_rows`` (read_index fills it): rows are validated once
+    checked: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def trainable_parameters(self) -> int:
         return sum(int(t.numel()) for t in self.indices.values())
+
+    def check_rows(self, label: str = "index") -> None:
+        """Validate the rows not validated yet: integer ``[d_out, 1..min(k, d_in)]``, every index in
+        ``0..d_in-1``, strictly ascending. The compiled kernels rely on this (an index out of range
+        would read outside the weight), and ``read_index`` has already done it for a file."""
+        for name in sorted(set(self.indices) - self.checked):
+            entry = self.entries.get(name)
+            if entry is None:
+                raise SidecarError(f"{label}: tensor {name!r} has no entry in neuroada.tensors")
+            _check_rows(label, name, self.indices[name], entry, self.k)
+            self.checked.add(name)
 
 
 @dataclass
@@ -245,7 +258,9 @@ def read_index(path: Path | str) -> IndexSidecar:
         if name not in tensors:
             raise SidecarError(f"{label}: neuroada.tensors lists {name!r} but the file has no such tensor")
     for name, t in tensors.items():
-        _check_index_tensor(label, name, t, entries[name], k)
+        if t.dtype != torch.int32:
+            raise SidecarError(f"{label}: {name!r}: dtype must be I32, found {str(t.dtype).removeprefix('torch.')}")
+        _check_rows(label, name, t, entries[name], k)
     return IndexSidecar(
         k=k,
         criterion=criterion,
@@ -254,6 +269,7 @@ def read_index(path: Path | str) -> IndexSidecar:
         seed=seed,
         model_type=meta.get("neuroada.model_type", ""),
         digest=digest,
+        checked=set(tensors),
     )
 
 
@@ -298,10 +314,10 @@ def _parse_entries(label: str, raw: str | None) -> dict[str, TensorEntry]:
     return out
 
 
-def _check_index_tensor(label: str, name: str, t: torch.Tensor, entry: TensorEntry, k: int) -> None:
+def _check_rows(label: str, name: str, t: torch.Tensor, entry: TensorEntry, k: int) -> None:
     where = f"{label}: {name!r}"
-    if t.dtype != torch.int32:
-        raise SidecarError(f"{where}: dtype must be I32, found {str(t.dtype).removeprefix('torch.')}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise SidecarError(f"{where}: indices must be integers, found {str(t.dtype).removeprefix('torch.')}")
     d_out, d_in = entry.shape
     if t.dim() != 2 or t.shape[0] != d_out:
         raise SidecarError(f"{where}: shape {list(t.shape)} does not match [d_out={d_out}, k]")

@@ -1,0 +1,32 @@
+"""The bypass's settings and rules: its modes, which modules it adapts, and that deltas stay fp32."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style layers store the weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the module importable
+    Conv1D = None
+
+#: ``fused`` (training default: refresh the selected entries in place, one matmul) or
+#: ``reference`` (``x W^T + x S^T``, plain autograd; tests and parity).
+MODES = ("fused", "reference")
+DELTA_ATTR = "neuroada_delta"
+ROOT_STATE = "_neuroada_attach_state"
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
+
+
+def adaptable(module: nn.Module) -> bool:
+    """``nn.Linear`` / ``Conv1D`` or a subclass that keeps their forward (the bypass replaces it)."""
+    for cls in (nn.Linear, Conv1D):
+        if cls is not None and isinstance(module, cls) and type(module).forward is cls.forward:
+            return True
+    return False
+
+
+def keep_fp32(fn, t: torch.Tensor) -> torch.Tensor:
+    """Apply a module ``_apply`` function to a delta: follow device moves, never a dtype change."""
+    new = fn(t)
+    return new if new.dtype == torch.float32 else t.to(new.device)

@@ -1,0 +1,128 @@
+"""One training step's parts: the loss, evaluation, the learning-rate schedule and the data order.
+
+The loss. Causal LM: token cross-entropy on the positions whose label is not ``-100`` (the
+prompt is masked unless ``train_on_prompt``; see ``data.py`` for the template), averaged over
+every target token of the optimizer step, not per micro-batch, so ``grad_accum=4, batch_size=2``
+and ``batch_size=8`` give the same gradient. Examples whose target was cut away by
+``max_length`` are dropped before training (an all ``-100`` batch would give a NaN mean).
+Classification: cross-entropy of the head's logits, averaged over the step's examples. Multiple
+choice: the same over the options, with padded options masked to ``-inf``. The loss is computed in
+fp32 from the model's logits whatever the model dtype.
+
+The schedule (as transformers' ``get_linear_schedule_with_warmup``). With ``T`` total optimizer
+steps and ``W = ceil(warmup_ratio * T)`` warmup steps, step ``s`` (0-based) uses
+``lr * s / W`` for ``s < W`` and ``lr * (T - s) / (T - W)`` after. Worked example: ``lr = 1e-3,
+T = 10, warmup_ratio = 0.1`` gives ``W = 1`` and the rates ``0, 1e-3, 8.9e-4, ..., 1.1e-4``.
+``T`` is ``max_steps`` if given, else ``epochs * ceil(ceil(N / batch_size) / grad_accum)`` for
+``N`` examples.
+
+Data order. Epoch ``e`` visits the examples in the order ``torch.randperm(N)`` drawn from a
+generator seeded with ``sha256(f"{seed}:{e}")`` (first 8 bytes, little endian), cut into
+micro-batches of ``batch_size`` (the last one may be smaller); an optimizer step takes
+``grad_accum`` consecutive micro-batches (fewer at the end of an epoch). The order depends on the
+seed and the epoch only, so a resumed run finds its place again from ``(epoch, micro-batch)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from neuroada_tools.train.data import IGNORE_INDEX, collate
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
+def compute_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of the per-target losses, number of correct predictions)`` for one collated batch.
+
+    Causal LM: next-token cross-entropy summed over labels that are not ``-100`` (the "correct"
+    count is the tokens predicted right). Classification and multiple choice: cross-entropy of
+    the logits summed over the examples; padded options (``choice_mask`` False) get ``-inf``.
+    Example: two classification rows with logits ``[[0, 0], [0, 0]]`` give ``2 * ln 2``.
+    """
+    inputs = model_inputs(batch, device)
+    labels = batch["labels"].to(device)
+    if task == "causal-lm":
+        logits = model(**inputs, use_cache=False).logits
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+        return loss, correct
+    logits = model(**inputs).logits.float()
+    if task == "multiple-choice":
+        logits = logits.masked_fill(~batch["choice_mask"].to(device), float("-inf"))
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    return loss, (logits.argmax(-1) == labels).sum()
+
+
+def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    if task == "causal-lm":
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return int(batch["labels"].shape[0])
+
+
+def has_target(example: dict[str, Any]) -> bool:
+    return any(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int, device: torch.device
+) -> dict:
+    """Mean loss over ``examples`` (per target token for causal LM, per example otherwise) and,
+    for classification and multiple choice, the accuracy. The model is left in eval mode."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s : s + batch_size], pad_id)
+        loss, right = compute_loss(model, batch, task, device)
+        loss_sum += float(loss)
+        correct += int(right)
+        count += count_targets(batch, task)
+    out: dict[str, Any] = {"examples": len(examples), "loss": loss_sum / max(count, 1)}
+    if task == "causal-lm":
+        out["target_tokens"] = count
+        out["token_accuracy"] = correct / max(count, 1)
+    else:
+        out["accuracy"] = correct / max(count, 1)
+    return out
+
+
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    """The linear schedule with warmup (see the module docstring) at 0-based ``step``."""
+    if step < warmup:
+        return lr * step / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of epoch ``epoch``: a seeded permutation of ``range(n)`` cut in pieces.
+
+    The generator's seed is the first 8 bytes (little endian) of ``sha256(f"{seed}:{epoch}")``,
+    so every (seed, epoch) pair has its own order, independent of any other random state.
+    """
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little"))
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[s : s + batch_size] for s in range(0, n, batch_size)]
+
+
+def nan_message(what: str, step: int, lr: float, output: Path, last_saved: int | None) -> str:
+    kept = (
+        f"the last good checkpoint (step {last_saved}) is kept at {output}"
+        if last_saved is not None
+        else "no checkpoint was written yet (--save-every N keeps intermediate ones)"
+    )
+    return f"the {what} became NaN or infinite at step {step} (lr {lr:.3g}); training stopped, {kept}"
