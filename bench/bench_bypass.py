@@ -35,9 +35,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neuroada_tools.kernels.native import shorten_openmp_spin  # noqa: E402
@@ -48,9 +47,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from neuroada_tools.train.bypass import attach, count_trainable  # noqa: E402
 from neuroada_tools.index.criteria import select  # noqa: E402
 from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry  # noqa: E402
+from neuroada_tools.train.bypass import attach  # noqa: E402
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' gradient-checkpointing renames

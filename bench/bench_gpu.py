@@ -34,9 +34,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neuroada_tools.train import bypass  # noqa: E402
 from neuroada_tools.index.criteria import select  # noqa: E402
 from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry  # noqa: E402
+from neuroada_tools.train import bypass  # noqa: E402
 
 
 def timer(device: torch.device):
@@ -263,14 +263,19 @@ def main() -> None:
     run = timer(device)
     lines = []
     if device.type == "cuda":
-        lines.append(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 base weights, fp32 deltas")
+        lines.append(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 base weights, fp32 "
+            "deltas")
     else:
         lines.append(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
     shapes = [(4096, 4096, 4096), (11008, 4096, 4096), (4096, 11008, 4096)] if not a.quick else [(256, 128, 64)]
     reps = 30 if not a.quick else 3
-    lines += ["", "### One layer, forward + backward (time relative to frozen; extra peak memory in MiB)", "",
-              "| d_out x d_in, T | k | frozen | neuroada | authors scatter_add | mask-based dense grad | lora r=8 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### One layer, forward + backward (time relative to frozen; extra peak memory in MiB)",
+        "",
+        "| d_out x d_in, T | k | frozen | neuroada | authors scatter_add | mask-based dense grad | lora r=8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d_out, d_in, T in shapes:
         for k in (1, 20):
             res = layer_bench(device, dtype, d_out, d_in, T, k, reps, run)
@@ -278,13 +283,21 @@ def main() -> None:
             lines.append(f"| {d_out}x{d_in}, T={T} | {k} | {cells} |")
             print(lines[-1], flush=True)
     hidden, layers, inter, seq, batch = (2048, 8, 5632, 1024, 4) if not a.quick else (256, 2, 512, 32, 2)
-    lines += ["", f"### Whole training step: Llama hidden {hidden}, {layers} layers, seq {seq}, batch {batch}, k=20", "",
-              "| method | step ms | vs frozen | resident between steps (MiB) | extra peak in a step (MiB) | total peak (MiB) | trainable |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"### Whole training step: Llama hidden {hidden}, {layers} layers, seq {seq}, batch {batch}, k=20",
+        "",
+        "| method | step ms | vs frozen | resident between steps (MiB) | extra peak in a step (MiB) | total peak "
+            "(MiB) | trainable |",
+        "|---|---|---|---|---|---|---|",
+    ]
     res = step_bench(device, dtype, hidden, layers, inter, seq, batch, 20, reps if not a.quick else 2, run)
     base = res[0][1]
     for method, ms, (resident, extra), n in res:
-        lines.append(f"| {method} | {ms:.1f} | {ms / base:.2f}x | {resident:.0f} | {extra:.0f} | {resident + extra:.0f} | {n:,} |")
+        lines.append(
+            f"| {method} | {ms:.1f} | {ms / base:.2f}x | {resident:.0f} | {extra:.0f} | {resident + extra:.0f} | "
+                f"{n:,} |"
+        )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)

@@ -21,15 +21,14 @@ second. Prints a markdown table; ``--out FILE`` also writes it there.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import build_llama7b_shapes as build, run_child_json  # noqa: E402
+from _common import build_llama7b_shapes as build  # noqa: E402
+from _common import run_child_json
 
 CHILD = r"""
 import json, sys, time, resource
@@ -91,8 +90,8 @@ def main() -> None:
     folder = a.dir / f"llama7b-shapes-{a.layers}L"
     build(folder, a.layers)
     sys.path.insert(0, str(ROOT))
-    from neuroada_tools.io.checkpoint import open_checkpoint
     from neuroada_tools.index.targets import resolve_targets
+    from neuroada_tools.io.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(folder)
     total = ckpt.total_bytes

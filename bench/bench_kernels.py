@@ -38,9 +38,9 @@ native.shorten_openmp_spin()  # as the CLI does (an exported GOMP_SPINCOUNT wins
 
 import torch  # noqa: E402
 
-from neuroada_tools.train import bypass  # noqa: E402
-from neuroada_tools.train.bypass import ops as bypass_ops  # noqa: E402
 from neuroada_tools.index.criteria import select  # noqa: E402
+from neuroada_tools.kernels import sddmm as sddmm_mod  # noqa: E402
+from neuroada_tools.train import bypass  # noqa: E402
 
 SHAPES = [(4096, 4096, 512), (4096, 11008, 512), (1024, 1024, 2048)]  # d_in, d_out, T
 
@@ -67,7 +67,7 @@ def with_backend(backend: str, threads: int, g, x, idx, team: bool = True):
     """bypass.sddmm with ``backend`` on ``threads`` threads; ``team=False``: the compiled kernel
     unbound from torch's OpenMP team (threads started per call), bound again after the call."""
     def run():
-        old, bypass_ops.SDDMM_BACKEND = bypass_ops.SDDMM_BACKEND, backend
+        old, sddmm_mod.SDDMM_BACKEND = sddmm_mod.SDDMM_BACKEND, backend
         torch.set_num_threads(threads)
         lib = native.kernel()
         if not team:
@@ -75,7 +75,7 @@ def with_backend(backend: str, threads: int, g, x, idx, team: bool = True):
         try:
             bypass.sddmm(g, x, idx)
         finally:
-            bypass_ops.SDDMM_BACKEND = old
+            sddmm_mod.SDDMM_BACKEND = old
             torch.set_num_threads(2)
             if not team:
                 lib.neuroada_sddmm_set_openmp(*_TEAM)
@@ -150,24 +150,32 @@ def main() -> None:
             }
             kept = delta.clone()  # unchanged: the whole compare runs (a changed delta stops at its first entry)
             rf = median_ms(fns, a.reps * 3, before=lambda: g @ other)
-            print(f"| {d_in}→{d_out} | {k} | {rf['team'] * 1e3:.0f} | {rf['compiled'] * 1e3:.0f} | {rf['torch'] * 1e3:.0f} | "
-                  f"{rf['check'] * 1e3:.0f} |")
+            print(
+                f"| {d_in}→{d_out} | {k} | {rf['team'] * 1e3:.0f} | {rf['compiled'] * 1e3:.0f} | "
+                    f"{rf['torch'] * 1e3:.0f} | "
+                f"{rf['check'] * 1e3:.0f} |"
+            )
 
     if a.layer_reps <= 0:
         return
     import bench_bypass
 
-    print("\nOne layer, forward + backward, only three methods interleaved "
-          f"({a.layer_reps} reps; median of per-repetition ratios to frozen):\n")
+    print(
+        "\nOne layer, forward + backward, only three methods interleaved "
+        f"({a.layer_reps} reps; median of per-repetition ratios to frozen):\n"
+    )
     print("| d_in→d_out | T | k | frozen ms | NeuroAda | LoRA r=match |")
     print("|---|---|---|---|---|---|")
     for d_in, d_out, T in shapes:
         for k in (1, 20):
             methods, _, _, r = bench_bypass.layer_methods(d_in, d_out, T, k)
-            res = bench_bypass.interleaved({m: methods[m] for m in ("frozen", "neuroada", "lora_match")},
-                                           a.layer_reps, "frozen")
-            print(f"| {d_in}→{d_out} | {T} | {k} | {res['frozen'][0] * 1e3:.1f} | {res['neuroada'][1]:.3f} | "
-                  f"{res['lora_match'][1]:.3f} (r={r}) |")
+            res = bench_bypass.interleaved(
+                {m: methods[m] for m in ("frozen", "neuroada", "lora_match")}, a.layer_reps, "frozen"
+            )
+            print(
+                f"| {d_in}→{d_out} | {T} | {k} | {res['frozen'][0] * 1e3:.1f} | {res['neuroada'][1]:.3f} | "
+                f"{res['lora_match'][1]:.3f} (r={r}) |"
+            )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from neuroada_tools.io.checkpoint import open_checkpoint
     from neuroada_tools.index.build import run_index
+    from neuroada_tools.io.checkpoint import open_checkpoint
     from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
 
     index_path = a.dir / f"llama7b-{a.layers}L.k20.index.safetensors"
@@ -96,14 +96,17 @@ def main() -> None:
     base = {m: max(r["rss_after_imports"] for r in rs) for m, rs in results.items()}
     budget = 2 * largest + 300 * 2**20
     lines = [
-        f"checkpoint: {total / 1e9:.2f} GB bf16, {a.layers} LLaMA-7B blocks, k=20 delta; {a.reps} reps interleaved, median",
+        f"checkpoint: {total / 1e9:.2f} GB bf16, {a.layers} LLaMA-7B blocks, k=20 delta; {a.reps} reps interleaved, "
+            "median",
         "",
         "| method | seconds | GB/s | vs copy | peak RSS | RSS over imports |",
         "|---|---|---|---|---|---|",
     ]
     for m in ("copy", "merge"):
-        lines.append(f"| {m} | {med[m]:.2f} | {total / med[m] / 1e9:.2f} | {med['copy'] / med[m]:.2f}x | "
-                     f"{rss[m] / 2**20:.0f} MiB | {(rss[m] - base[m]) / 2**20:.0f} MiB |")
+        lines.append(
+            f"| {m} | {med[m]:.2f} | {total / med[m] / 1e9:.2f} | {med['copy'] / med[m]:.2f}x | "
+            f"{rss[m] / 2**20:.0f} MiB | {(rss[m] - base[m]) / 2**20:.0f} MiB |"
+        )
     lines += [
         "",
         f"merge throughput {med['copy'] / med['merge']:.2f}x a plain copy (target >= 0.5x: "

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neuroada_tools.train import bypass  # noqa: E402
 from neuroada_tools.index.criteria import select  # noqa: E402
 from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry  # noqa: E402
+from neuroada_tools.train import bypass  # noqa: E402
 
 
 def check_layer(dtype, d_out, d_in, T, k) -> float:

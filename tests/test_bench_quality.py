@@ -1,9 +1,9 @@
 """`bench/bench_quality.py` on the tiny `bert-base` fixture and a few made-up BoolQ / ARC records.
 
 Exercises the `--quick` path end to end (both tasks, every method family, the lr pick, 3 seeds, the
-interleaved timing pass, the markdown) in one child process, the memory probe in process, plus the pieces the numbers depend on:
-the question extraction, the matched budgets and the accuracy of `evaluate` (ARC rows with 3 and 5
-options included). No real model or data is needed; well under 30 s on two CPU cores.
+interleaved timing pass, the markdown) in one child process, the memory probe in process, plus the
+pieces the numbers depend on: the question extraction, the matched budgets and the accuracy of
+`evaluate` (ARC rows with 3 and 5 options included). No real model or data is needed; well under 30 s on two CPU cores.
 """
 
 from __future__ import annotations
@@ -38,11 +38,15 @@ def _boolq_records(n: int) -> list[dict]:
     for i in range(n):
         q = f"is the {WORDS[i % len(WORDS)]} {WORDS[(3 * i + 1) % len(WORDS)]} near the sea?"
         ans = "true" if i % 3 else "false"
-        out.append({
-            "instruction": f"Please answer the following question with true or false, question: {q}\n\n"
-                           "Answer format: true/false",
-            "input": "", "output": f"the correct answer is {ans}", "answer": ans,
-        })
+        out.append(
+            {
+                "instruction": f"Please answer the following question with true or false, question: {q}\n\n"
+                "Answer format: true/false",
+                "input": "",
+                "output": f"the correct answer is {ans}",
+                "answer": ans,
+            }
+        )
     return out
 
 
@@ -53,11 +57,15 @@ def _arc_records(n: int) -> list[dict]:
         opts = " ".join(f"Answer{j + 1}: the {WORDS[(i + 2 * j) % len(WORDS)]}" for j in range(n_opt))
         fmt = "/".join(f"answer{j + 1}" for j in range(n_opt))
         ans = f"answer{i % n_opt + 1}"
-        out.append({
-            "instruction": f"Please choose the correct answer to the question: Which colour is the "
-                           f"{WORDS[i % len(WORDS)]}?\n\n{opts}\n\nAnswer format: {fmt}",
-            "input": "", "output": f"the correct answer is {ans}", "answer": ans,
-        })
+        out.append(
+            {
+                "instruction": f"Please choose the correct answer to the question: Which colour is the "
+                f"{WORDS[i % len(WORDS)]}?\n\n{opts}\n\nAnswer format: {fmt}",
+                "input": "",
+                "output": f"the correct answer is {ans}",
+                "answer": ans,
+            }
+        )
     return out
 
 
@@ -105,7 +113,11 @@ def test_evaluate_matches_a_plain_loop_with_ragged_options(fixture_models, data_
         for ex in data.test:  # each option alone, unpadded: the score does not depend on the others
             scores = []
             for j in range(len(ex["input_ids"])):
-                kw = {k: torch.tensor(ex[k][j])[None, None] for k in ("input_ids", "attention_mask", "token_type_ids") if k in ex}
+                kw = {
+                    k: torch.tensor(ex[k][j])[None, None]
+                    for k in ("input_ids", "attention_mask", "token_type_ids")
+                    if k in ex
+                }
                 scores.append(float(model(**kw).logits[0, 0]))
             right += max(range(len(scores)), key=scores.__getitem__) == ex["label"]
     assert got["acc"] == pytest.approx(right / len(data.test))
@@ -113,9 +125,26 @@ def test_evaluate_matches_a_plain_loop_with_ragged_options(fixture_models, data_
 
 def test_quick_run_end_to_end(fixture_models, data_dir, tmp_path):
     out, js = tmp_path / "table.md", tmp_path / "results.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--threads", "1",
-           "--model", str(fixture_models["bert-base"]), "--data", str(data_dir),
-           "--methods", "neuroada-k1,lora-k1,supertuning-k1,head,full", "--steps", "3", "--no-memory", "--out", str(out), "--json", str(js)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_quality.py"),
+        "--quick",
+        "--threads",
+        "1",
+        "--model",
+        str(fixture_models["bert-base"]),
+        "--data",
+        str(data_dir),
+        "--methods",
+        "neuroada-k1,lora-k1,supertuning-k1,head,full",
+        "--steps",
+        "3",
+        "--no-memory",
+        "--out",
+        str(out),
+        "--json",
+        str(js),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(js.read_text())

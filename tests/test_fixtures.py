@@ -164,7 +164,9 @@ def test_llama_is_sharded(fixture_models):
     assert "lm_head.weight" in tensors  # tie_word_embeddings False
 
 
-@pytest.mark.parametrize(("name", "dtype", "label"), [("qwen2", torch.bfloat16, "bfloat16"), ("llama-fp16", torch.float16, "float16")])
+@pytest.mark.parametrize(
+    ("name", "dtype", "label"), [("qwen2", torch.bfloat16, "bfloat16"), ("llama-fp16", torch.float16, "float16")]
+)
 def test_half_precision_fixtures(fixture_models, name, dtype, label):
     folder = fixture_models[name]
     assert json.loads((folder / "config.json").read_text())["dtype"] == label
@@ -210,7 +212,10 @@ def test_building_twice_is_byte_identical(fixture_models, tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run(
         [sys.executable, "-m", "fixtures.build", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, check=True, capture_output=True,
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
     )
     for name, folder in fixture_models.items():
         first = sorted(p.name for p in folder.iterdir())

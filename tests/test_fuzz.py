@@ -25,14 +25,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz.corpus import READER_NAMES, build_corpus
-from tests.fuzz.harness import address_space_limit, run_case, run_truncation
-from neuroada_tools.io.checkpoint import open_checkpoint
-from neuroada_tools.train.data import read_records
 from neuroada_tools.errors import CheckpointError, DataError, SidecarError
 from neuroada_tools.index.build import run_index
+from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.io.safetensors_file import read_header, read_tensor, write_file
 from neuroada_tools.io.sidecar import read_delta, read_index
+from neuroada_tools.train.data import read_records
+from tests.fuzz.corpus import READER_NAMES, build_corpus
+from tests.fuzz.harness import address_space_limit, run_case, run_truncation
 
 CASES = int(os.environ.get("NEUROADA_FUZZ_CASES", "300"))
 HEADROOM = 1 << 30
@@ -278,7 +278,8 @@ def test_unopenable_shard_names_are_named_errors(tmp_path, odd):
     """Bug: a name too long for the file system raised OSError (ENAMETOOLONG)."""
     m = _sharded(tmp_path)
     _map(m, odd)
-    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: .*(is missing|shard must be a file name)"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: .*(is missing|shard must be a file "
+        r"name)"):
         open_checkpoint(m)
 
 

@@ -33,8 +33,8 @@ from click.testing import CliRunner
 import neuroada_tools
 from neuroada_tools.cli import main
 from neuroada_tools.errors import SidecarError
-from neuroada_tools.index.build import run_index
 from neuroada_tools.export.merge import merge_tensor
+from neuroada_tools.index.build import run_index
 from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
 
 PKG = Path(neuroada_tools.__file__).resolve().parent
@@ -219,7 +219,8 @@ def _hostile_folder(src: Path, dst: Path, marker: Path) -> Path:
     """A copy of ``src`` with code and pickles that write ``marker`` if anything runs them."""
     shutil.copytree(src, dst)
     payload = f"open({str(marker)!r}, 'a').write('ran\\n')"
-    (dst / "evil.py").write_text(payload + "\nclass EvilConfig: pass\nclass EvilModel: pass\nclass EvilTokenizer: pass\n")
+    (dst / "evil.py").write_text(payload + "\nclass EvilConfig: pass\nclass EvilModel: pass\nclass EvilTokenizer: "
+        "pass\n")
 
     class Bomb:
         def __reduce__(self):
@@ -244,8 +245,24 @@ def test_hostile_model_folder_runs_no_code_and_no_pickle(fixture_models, tmp_pat
     data.write_text("".join(json.dumps({"text": f"the quick brown fox {i}"}) + "\n" for i in range(4)))
     ip, dp = tmp_path / "b.index.safetensors", tmp_path / "b.delta.safetensors"
     assert cli("index", base, "-k", "2", "-o", ip, "-q")[0] == 0
-    code, out, err = cli("train-sparse", "--model", base, "--index", ip, "--data", data, "--max-steps", "1",
-                         "--batch-size", "2", "--max-length", "16", "-o", dp, "-q")
+    code, out, err = cli(
+        "train-sparse",
+        "--model",
+        base,
+        "--index",
+        ip,
+        "--data",
+        data,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "16",
+        "-o",
+        dp,
+        "-q",
+    )
     assert code == 0, err
     code, out, err = cli("merge", "--model", base, "--index", ip, "--delta", dp, "-o", tmp_path / "merged", "-q")
     assert code == 0, err
@@ -258,9 +275,11 @@ def test_the_hostile_folder_would_be_caught(fixture_models, tmp_path):
     marker would show a violation (run in a child with its own module cache)."""
     marker = tmp_path / "PWNED"
     base = _hostile_folder(fixture_models["llama"], tmp_path / "base", marker)
-    code = ("import sys; from pathlib import Path; from neuroada_tools.hf import task_config\n"
-            "try: task_config(Path(sys.argv[1]), 'causal-lm', trust_remote_code=True)\n"
-            "except Exception: pass\n")
+    code = (
+        "import sys; from pathlib import Path; from neuroada_tools.hf import task_config\n"
+        "try: task_config(Path(sys.argv[1]), 'causal-lm', trust_remote_code=True)\n"
+        "except Exception: pass\n"
+    )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-c", code, str(base)], env=env, cwd=ROOT, capture_output=True, timeout=120)
     assert marker.exists()
@@ -274,7 +293,9 @@ def test_index_never_writes_the_base(fixture_models, tmp_path):
     shutil.copytree(fixture_models["llama"], base)
 
     def digest() -> dict[str, tuple[str, int]]:
-        return {f.name: (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in sorted(base.iterdir())}
+        return {
+            f.name: (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in sorted(base.iterdir())
+        }
 
     before = digest()
     for form in (base, base / "model.safetensors.index.json"):
@@ -359,8 +380,24 @@ def trained(fixture_models, tmp_path_factory):
     ip, dp, data = d / "i.index.safetensors", d / "d.delta.safetensors", d / "t.jsonl"
     run_index(fixture_models["llama"], 4, ip)
     data.write_text("".join(json.dumps({"text": f"hello world number {i}"}) + "\n" for i in range(4)))
-    code, _, err = cli("train-sparse", "--model", fixture_models["llama"], "--index", ip, "--data", data,
-                       "--max-steps", "1", "--batch-size", "2", "--max-length", "16", "-o", dp, "-q")
+    code, _, err = cli(
+        "train-sparse",
+        "--model",
+        fixture_models["llama"],
+        "--index",
+        ip,
+        "--data",
+        data,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "16",
+        "-o",
+        dp,
+        "-q",
+    )
     assert code == 0, err
     return {"index": ip, "delta": dp, "data": data}
 
@@ -379,9 +416,26 @@ def test_disk_full_index(fixture_models, small_fs):
 
 def test_disk_full_train_sparse(fixture_models, small_fs, trained):
     fill(small_fs, 8192)
-    code, _, err = cli("train-sparse", "--model", fixture_models["llama"], "--index", trained["index"],
-                       "--data", trained["data"], "--max-steps", "2", "--save-every", "1", "--batch-size", "2",
-                       "--max-length", "16", "-o", small_fs / "t.delta.safetensors", "-q")
+    code, _, err = cli(
+        "train-sparse",
+        "--model",
+        fixture_models["llama"],
+        "--index",
+        trained["index"],
+        "--data",
+        trained["data"],
+        "--max-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "16",
+        "-o",
+        small_fs / "t.delta.safetensors",
+        "-q",
+    )
     one_line_error(code, err, "No space left on device")
     assert str(small_fs) in err  # says where
     _only_filler(small_fs)
@@ -411,8 +465,21 @@ def test_disk_full_merge(fixture_models, small_fs, trained, to):
     # onnx: room for the merged staging copy, not for the export; safetensors: room for nothing
     room = sum(f.stat().st_size for f in base.iterdir()) + 64 * 1024 if to == "onnx" else 8192
     fill(small_fs, room)
-    code, _, err = cli("merge", "--model", base, "--index", trained["index"], "--delta", trained["delta"],
-                       "--to", to, "-o", small_fs / "out", "-q", "--no-check")
+    code, _, err = cli(
+        "merge",
+        "--model",
+        base,
+        "--index",
+        trained["index"],
+        "--delta",
+        trained["delta"],
+        "--to",
+        to,
+        "-o",
+        small_fs / "out",
+        "-q",
+        "--no-check",
+    )
     one_line_error(code, err, "No space left on device")
     if to == "safetensors":
         assert str(small_fs) in err  # the writer names the file it could not write

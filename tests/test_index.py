@@ -15,9 +15,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.cli import main
 from neuroada_tools.index.criteria import reference_select
+from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.io.sidecar import fingerprint, read_index
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert-cls", "bert-base", "llama-fp16"]
@@ -186,7 +186,8 @@ def test_not_safetensors(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_text("this is not a checkpoint at all")
     out = tmp_path / "o.safetensors"
-    expect_error(["index", bad, "-o", out], r"model.safetensors: not a safetensors file \(header length \d+ exceeds 100 MB\)", out)
+    expect_error(["index", bad, "-o", out], r"model.safetensors: not a safetensors file \(header length \d+ exceeds "
+        r"100 MB\)", out)
 
 
 def test_truncated_checkpoint(fixture_models, tmp_path):
@@ -201,7 +202,10 @@ def test_offsets_past_end(tmp_path):
     bad = tmp_path / "x.safetensors"
     hdr = json.dumps({"a.0.w.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}).encode()
     bad.write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"\0" * 16)
-    expect_error(["index", bad, "-o", tmp_path / "o"], r"x.safetensors: truncated: tensor 'a.0.w.weight' ends at byte 64 but the file holds only 16 data bytes")
+    expect_error(
+        ["index", bad, "-o", tmp_path / "o"],
+        r"x.safetensors: truncated: tensor 'a.0.w.weight' ends at byte 64 but the file holds only 16 data bytes",
+    )
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -250,7 +254,9 @@ def test_tensor_listed_twice_or_missing_from_shard(fixture_models, tmp_path):
     other = next(s for s in sorted(set(doc["weight_map"].values())) if s != shard)
     doc["weight_map"][name] = other
     idx.write_text(json.dumps(doc))
-    expect_error(["index", m, "-o", tmp_path / "o"], re.escape(f"tensor '{name}' is mapped to {other}, which does not hold it"))
+    expect_error(
+        ["index", m, "-o", tmp_path / "o"], re.escape(f"tensor '{name}' is mapped to {other}, which does not hold it")
+    )
     dup = text.replace('"weight_map": {', f'"weight_map": {{"{name}": "{shard}",', 1)
     assert dup != text
     idx.write_text(dup)
@@ -258,24 +264,32 @@ def test_tensor_listed_twice_or_missing_from_shard(fixture_models, tmp_path):
 
 
 def test_no_tensor_matched(fixture_models, tmp_path):
-    expect_error(["index", fixture_models["llama"], "--target", "no_such_module", "-o", tmp_path / "o"],
-                 r"no tensor matched --target no_such_module")
+    expect_error(
+        ["index", fixture_models["llama"], "--target", "no_such_module", "-o", tmp_path / "o"],
+        r"no tensor matched --target no_such_module",
+    )
 
 
 def test_target_matching_non_2d_or_integer(fixture_models, tmp_path):
-    expect_error(["index", fixture_models["llama"], "--target", "input_layernorm", "-o", tmp_path / "o"],
-                 r"'model.layers.0.input_layernorm.weight': shape \[\d+\] is not a 2-D weight")
+    expect_error(
+        ["index", fixture_models["llama"], "--target", "input_layernorm", "-o", tmp_path / "o"],
+        r"'model.layers.0.input_layernorm.weight': shape \[\d+\] is not a 2-D weight",
+    )
     f = tmp_path / "ints.safetensors"
     from safetensors.torch import save_file
 
     save_file({"layers.0.q.weight": torch.zeros(4, 4, dtype=torch.int32)}, str(f))
-    expect_error(["index", f, "--target", "q", "-o", tmp_path / "o"], r"'layers.0.q.weight': dtype I32 is not a float weight")
+    expect_error(
+        ["index", f, "--target", "q", "-o", tmp_path / "o"], r"'layers.0.q.weight': dtype I32 is not a float weight"
+    )
 
 
 def test_output_exists_or_is_input(fixture_models, tmp_path):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
-    expect_error(["index", fixture_models["gpt2"], "-o", out], r"o.safetensors: already exists \(use --force to overwrite\)")
+    expect_error(
+        ["index", fixture_models["gpt2"], "-o", out], r"o.safetensors: already exists \(use --force to overwrite\)"
+    )
     assert out.read_bytes() == b"keep me"
     assert run_cli("index", fixture_models["gpt2"], "-k", "2", "-o", out, "--force", "-q").exit_code == 0
     assert read_index(out).k == 2
@@ -290,8 +304,11 @@ def test_k_below_one(fixture_models, tmp_path):
 
 
 def test_no_traceback_in_subprocess(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "neuroada_tools", "index", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "neuroada_tools", "index", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and p.stderr.startswith("error: ")
 

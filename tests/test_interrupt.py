@@ -50,9 +50,9 @@ import pytest
 import torch
 
 from neuroada_tools.check.run import run_check
-from neuroada_tools.io.checkpoint import open_checkpoint
-from neuroada_tools.index.build import run_index
 from neuroada_tools.export.merge import merge_to_folder
+from neuroada_tools.index.build import run_index
+from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.io.safetensors_file import StreamingWriter, read_header
 from neuroada_tools.io.sidecar import DeltaSidecar, read_delta, read_index, write_delta
 from neuroada_tools.train.loop import TrainConfig, train
@@ -89,8 +89,11 @@ def build_llama(folder: Path, tokenizer_from: Path, *, hidden: int, inter: int, 
     entries = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        entries += [(p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (kv * (hidden // heads), hidden)),
-                    (p + "self_attn.v_proj.weight", (kv * (hidden // heads), hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
+        kv_rows = kv * (hidden // heads)
+        entries += [(p + "self_attn.q_proj.weight", (hidden, hidden)),
+                    (p + "self_attn.k_proj.weight", (kv_rows, hidden)),
+                    (p + "self_attn.v_proj.weight", (kv_rows, hidden)),
+                    (p + "self_attn.o_proj.weight", (hidden, hidden)),
                     (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
                     (p + "mlp.down_proj.weight", (hidden, inter)), (p + "input_layernorm.weight", (hidden,)),
                     (p + "post_attention_layernorm.weight", (hidden,))]
@@ -98,7 +101,11 @@ def build_llama(folder: Path, tokenizer_from: Path, *, hidden: int, inter: int, 
     entries.sort()
     per = math.ceil(len(entries) / shards)
     parts = [entries[i : i + per] for i in range(0, len(entries), per)]
-    names = ["model.safetensors"] if shards == 1 else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    names = (
+        ["model.safetensors"]
+        if shards == 1
+        else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    )
     g = torch.Generator().manual_seed(seed)
     weight_map = {}
     for fname, part in zip(names, parts):
@@ -113,7 +120,9 @@ def build_llama(folder: Path, tokenizer_from: Path, *, hidden: int, inter: int, 
             weight_map[n] = fname
         w.close()
     if shards > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+        )
     return folder
 
 
@@ -147,9 +156,9 @@ def models(fixture_models, tmp_path_factory) -> dict[str, Path]:
     t0 = time.perf_counter()
     big = build_llama(d / "big", tok, hidden=1024, inter=2816, layers=4, vocab=32000, dtype=torch.bfloat16, shards=2)
     out = {"big": big}
-    out["onnx"] = big if FULL else build_llama(d / "onnx", tok, hidden=128, inter=256, layers=2, vocab=384,
-                                               dtype=torch.float32, shards=2, seed=1)
-    out["train"] = build_llama(d / "train", tok, hidden=128, inter=256, layers=2, vocab=384, dtype=torch.float32, seed=2)
+    small = dict(hidden=128, inter=256, layers=2, vocab=384, dtype=torch.float32)
+    out["onnx"] = big if FULL else build_llama(d / "onnx", tok, **small, shards=2, seed=1)
+    out["train"] = build_llama(d / "train", tok, **small, seed=2)
     size = sum(f.stat().st_size for f in big.iterdir()) / 2**20
     RESULTS.append(f"checkpoints built in {time.perf_counter() - t0:.1f} s (merge: {size:.0f} MB)")
     return out
@@ -160,8 +169,14 @@ def models(fixture_models, tmp_path_factory) -> dict[str, Path]:
 
 def start(args: list) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "neuroada_tools", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "neuroada_tools", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
@@ -171,7 +186,9 @@ def finish(p: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
 
 def temp_entries(folder: Path, final: Path) -> list[Path]:
     stem = final.name.split(".")[0]
-    return [folder / e for e in os.listdir(folder) if TEMP.match(e) and TEMP.match(e)["name"].lstrip(".").startswith(stem)]
+    return [
+        folder / e for e in os.listdir(folder) if TEMP.match(e) and TEMP.match(e)["name"].lstrip(".").startswith(stem)
+    ]
 
 
 def temp_bytes(folder: Path, final: Path) -> int:
@@ -353,8 +370,11 @@ def test_merge_killed_at_random_moments(models, work, to):
     assert out.exists()
     temps = check_leftovers(work, out, allowed)
     assert stat_tree(model) == base_stat, "the base checkpoint was written"
-    RESULTS.append(f"merge --to {to} ({ref_bytes / 2**20:.0f} MB merged): " + " | ".join(lines)
-                   + f"; {len(temps)} temporary leftovers ignored; {time.perf_counter() - t0:.1f} s in all")
+    RESULTS.append(
+        f"merge --to {to} ({ref_bytes / 2**20:.0f} MB merged): "
+        + " | ".join(lines)
+        + f"; {len(temps)} temporary leftovers ignored; {time.perf_counter() - t0:.1f} s in all"
+    )
 
 
 # ---------------------------------------------------------------- the training chain
@@ -405,9 +425,30 @@ def test_train_sparse_killed_then_resumed_equals_straight(models, work):
     finally:
         torch.set_num_threads(threads)
     want = read_delta(ref, index)
-    base = ["train-sparse", "--model", model, "--index", ip, "--data", data, "--max-steps", steps,
-            "--batch-size", "4", "--max-length", "24", "--lr", "1e-2", "--seed", "3", "--save-every", "1",
-            "--device", "cpu", "-q"]
+    base = [
+        "train-sparse",
+        "--model",
+        model,
+        "--index",
+        ip,
+        "--data",
+        data,
+        "--max-steps",
+        steps,
+        "--batch-size",
+        "4",
+        "--max-length",
+        "24",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "3",
+        "--save-every",
+        "1",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     base_stat = stat_tree(model)
     out = work / "chain.delta.safetensors"
     state = work / "chain.state.safetensors"
@@ -445,9 +486,11 @@ def test_train_sparse_killed_then_resumed_equals_straight(models, work):
         assert torch.equal(got.deltas[n], want.deltas[n]), n
     temps = check_leftovers(work, out, allowed | {state.name})
     assert stat_tree(model) == base_stat, "the base checkpoint was written"
-    RESULTS.append(f"train-sparse ({steps} steps, --save-every 1): kills: {'; '.join(outcomes)}; resumed to the "
-                   f"end in {time.perf_counter() - t1:.1f} s: deltas torch.equal to the straight run; "
-                   f"{len(temps)} temporary leftovers; {time.perf_counter() - t0:.1f} s in all")
+    RESULTS.append(
+        f"train-sparse ({steps} steps, --save-every 1): kills: {'; '.join(outcomes)}; resumed to the "
+        f"end in {time.perf_counter() - t1:.1f} s: deltas torch.equal to the straight run; "
+        f"{len(temps)} temporary leftovers; {time.perf_counter() - t0:.1f} s in all"
+    )
 
 
 def test_zz_report():

@@ -12,16 +12,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neuroada_tools.export import merge as merge_mod
 from neuroada_tools.check.run import run_check
-from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.cli import main
 from neuroada_tools.errors import ParityError
-from neuroada_tools.index.build import run_index
+from neuroada_tools.export import merge as merge_mod
 from neuroada_tools.export.merge import merge_tensor
+from neuroada_tools.index.build import run_index
+from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.io.safetensors_file import read_header
 from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
-from neuroada_tools.hf import load_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert-cls", "bert-base", "llama-fp16"]
 
@@ -45,7 +44,10 @@ def make_sidecars(model: Path, tmp: Path, k: int = 3, scale: float = 0.05, seed:
     dense, task, info = {}, "causal-lm", {}
     if cfg["model_type"] == "bert":
         h = cfg["hidden_size"]
-        dense = {"classifier.weight": torch.randn(3, h, generator=g) * 0.2, "classifier.bias": torch.randn(3, generator=g) * 0.1}
+        dense = {
+            "classifier.weight": torch.randn(3, h, generator=g) * 0.2,
+            "classifier.bias": torch.randn(3, generator=g) * 0.1,
+        }
         task, info = "classification", {"num_labels": 3, "label_names": ["a", "b", "c"]}
     d = DeltaSidecar(index.digest, deltas, dense, task, info)
     for key, v in delta_kw.items():
@@ -63,7 +65,9 @@ def merged(fixture_models, tmp_path_factory):
         tmp = tmp_path_factory.mktemp(arch)
         before = digest_tree(fixture_models[arch])
         ip, dp, _, _ = make_sidecars(fixture_models[arch], tmp)
-        r = run_cli("merge", "--model", fixture_models[arch], "--index", ip, "--delta", dp, "-o", tmp / "merged", "--json", "-q")
+        r = run_cli(
+            "merge", "--model", fixture_models[arch], "--index", ip, "--delta", dp, "-o", tmp / "merged", "--json", "-q"
+        )
         assert r.exit_code == 0, (arch, r.output)
         assert digest_tree(fixture_models[arch]) == before, "the base must never be written"
         out[arch] = (tmp, ip, dp, tmp / "merged", json.loads(r.stdout))
@@ -100,7 +104,11 @@ def test_merged_folder_loads_without_missing_keys(merged, arch):
     _, _, _, out, summary = merged[arch]
     import transformers
 
-    cls = transformers.AutoModelForSequenceClassification if summary["task"] == "classification" else transformers.AutoModelForCausalLM
+    cls = (
+        transformers.AutoModelForSequenceClassification
+        if summary["task"] == "classification"
+        else transformers.AutoModelForCausalLM
+    )
     _, info = cls.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"], info
     assert not info["unexpected_keys"], info
@@ -120,8 +128,23 @@ def test_sharding_kept(fixture_models, merged):
 def test_max_shard_size_and_dtype(fixture_models, tmp_path):
     ip, dp, _, _ = make_sidecars(fixture_models["qwen2"], tmp_path)
     out = tmp_path / "o"
-    r = run_cli("merge", "--model", fixture_models["qwen2"], "--index", ip, "--delta", dp, "-o", out,
-                "--dtype", "fp32", "--max-shard-size", "200KB", "--json", "-q")
+    r = run_cli(
+        "merge",
+        "--model",
+        fixture_models["qwen2"],
+        "--index",
+        ip,
+        "--delta",
+        dp,
+        "-o",
+        out,
+        "--dtype",
+        "fp32",
+        "--max-shard-size",
+        "200KB",
+        "--json",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     ck = open_checkpoint(out)
     assert len(ck.files) >= 2 and all(f.stat().st_size <= 200_000 + 300_000 for f in ck.files)
@@ -136,7 +159,11 @@ def test_bert_base_merge_writes_task_names(merged):
     names = set(open_checkpoint(out).tensors)
     assert "classifier.weight" in names and "bert.encoder.layer.0.attention.self.query.weight" in names
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["BertForSequenceClassification"] and cfg["id2label"] == {"0": "a", "1": "b", "2": "c"}
+    assert cfg["architectures"] == ["BertForSequenceClassification"] and cfg["id2label"] == {
+        "0": "a",
+        "1": "b",
+        "2": "c",
+    }
 
 
 ONNX_ARCHS = ["llama", "qwen2", "gpt2", "opt", "bert-cls", "bert-base"]
@@ -147,8 +174,22 @@ def test_onnx_parity(merged, fixture_models, arch, tmp_path):
     _, ip, dp, _, _ = merged[arch]
     out = tmp_path / "onnx"
     extra = ["--with-past"] if arch in ("llama", "gpt2") else []
-    r = run_cli("merge", "--model", fixture_models[arch], "--index", ip, "--delta", dp, "--to", "onnx", "-o", out,
-                "--json", "-q", *extra)
+    r = run_cli(
+        "merge",
+        "--model",
+        fixture_models[arch],
+        "--index",
+        ip,
+        "--delta",
+        dp,
+        "--to",
+        "onnx",
+        "-o",
+        out,
+        "--json",
+        "-q",
+        *extra,
+    )
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     comps = s["parity"]["comparisons"]
@@ -168,7 +209,11 @@ def _wrong_merge(monkeypatch, how: str):
 
     def wrong(stored, idx, delta, transposed, out_dtype, **kw):
         if how == "transposed":  # delta added at transposed positions (square weights only)
-            return real(stored, idx, delta, not transposed, out_dtype) if stored.shape[0] == stored.shape[1] else real(stored, idx, delta, transposed, out_dtype)
+            return (
+                real(stored, idx, delta, not transposed, out_dtype)
+                if stored.shape[0] == stored.shape[1]
+                else real(stored, idx, delta, transposed, out_dtype)
+            )
         w = stored.to(torch.bfloat16).to(torch.float32)  # cast to bf16 before adding
         return real(w, idx, delta.to(torch.bfloat16), transposed, out_dtype)
 
@@ -198,15 +243,20 @@ def expect_refusal(args, pattern, out: Path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr
     if not out.exists():
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temporary folder left behind"
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], (
+            "temporary folder left behind"
+        )
     return lines[0]
 
 
 def test_refuses_delta_of_another_index(fixture_models, tmp_path):
     ip, dp, _, _ = make_sidecars(fixture_models["gpt2"], tmp_path, index_digest="b" * 64)
     out = tmp_path / "o"
-    expect_refusal(["merge", "--model", fixture_models["gpt2"], "--index", ip, "--delta", dp, "-o", out],
-                   r"m.delta.safetensors: made for index sha256 bbbbbbbbbbbb", out)
+    expect_refusal(
+        ["merge", "--model", fixture_models["gpt2"], "--index", ip, "--delta", dp, "-o", out],
+        r"m.delta.safetensors: made for index sha256 bbbbbbbbbbbb",
+        out,
+    )
     assert not out.exists()
 
 
@@ -220,8 +270,11 @@ def test_refuses_other_base_with_same_shapes(fixture_models, tmp_path):
     sd["transformer.h.1.mlp.c_proj.weight"] = sd["transformer.h.1.mlp.c_proj.weight"] * 1.01
     save_file(sd, str(other / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "o"
-    expect_refusal(["merge", "--model", other, "--index", ip, "--delta", dp, "-o", out],
-                   r"'transformer.h.1.mlp.c_proj.weight' differs from the base the index was made from", out)
+    expect_refusal(
+        ["merge", "--model", other, "--index", ip, "--delta", dp, "-o", out],
+        r"'transformer.h.1.mlp.c_proj.weight' differs from the base the index was made from",
+        out,
+    )
     assert not out.exists()
 
 
@@ -232,19 +285,28 @@ def test_refuses_nan_delta_and_shape_mismatch(fixture_models, tmp_path):
     d.deltas[name][0, 0] = float("inf")
     write_delta(dp, d)
     out = tmp_path / "o"
-    expect_refusal(["merge", "--model", fixture_models["opt"], "--index", ip, "--delta", dp, "-o", out],
-                   re.escape(f"'{name}': contains NaN or Inf"), out)
+    expect_refusal(
+        ["merge", "--model", fixture_models["opt"], "--index", ip, "--delta", dp, "-o", out],
+        re.escape(f"'{name}': contains NaN or Inf"),
+        out,
+    )
     d.deltas[name] = torch.zeros(d.deltas[name].shape[0], 2)
     write_delta(dp, d)
-    expect_refusal(["merge", "--model", fixture_models["opt"], "--index", ip, "--delta", dp, "-o", out],
-                   re.escape(f"'{name}': shape [{d.deltas[name].shape[0]}, 2] does not match the index"), out)
+    expect_refusal(
+        ["merge", "--model", fixture_models["opt"], "--index", ip, "--delta", dp, "-o", out],
+        re.escape(f"'{name}': shape [{d.deltas[name].shape[0]}, 2] does not match the index"),
+        out,
+    )
 
 
 def test_refuses_index_for_another_architecture(fixture_models, tmp_path):
     ip, dp, _, _ = make_sidecars(fixture_models["mistral"], tmp_path)
     out = tmp_path / "o"
-    expect_refusal(["merge", "--model", fixture_models["gpt2"], "--index", ip, "--delta", dp, "-o", out],
-                   r"base has no tensor 'model.layers.0.mlp.down_proj.weight'", out)
+    expect_refusal(
+        ["merge", "--model", fixture_models["gpt2"], "--index", ip, "--delta", dp, "-o", out],
+        r"base has no tensor 'model.layers.0.mlp.down_proj.weight'",
+        out,
+    )
 
 
 def test_refuses_output_in_base_or_existing(fixture_models, tmp_path):
@@ -253,18 +315,29 @@ def test_refuses_output_in_base_or_existing(fixture_models, tmp_path):
     ip, dp, _, _ = make_sidecars(base, tmp_path)
     before = digest_tree(base)
     for o in (base, base / "sub"):
-        expect_refusal(["merge", "--model", base, "--index", ip, "--delta", dp, "-o", o, "--force"],
-                       r"output folder is or lies inside the base model folder", o)
-    expect_refusal(["merge", "--model", base, "--index", ip, "--delta", dp, "-o", tmp_path, "--force"],
-                   r"output folder contains the base model folder", tmp_path)
+        expect_refusal(
+            ["merge", "--model", base, "--index", ip, "--delta", dp, "-o", o, "--force"],
+            r"output folder is or lies inside the base model folder",
+            o,
+        )
+    expect_refusal(
+        ["merge", "--model", base, "--index", ip, "--delta", dp, "-o", tmp_path, "--force"],
+        r"output folder contains the base model folder",
+        tmp_path,
+    )
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep").write_text("x")
-    expect_refusal(["merge", "--model", base, "--index", ip, "--delta", dp, "-o", existing],
-                   r"exists: already exists \(use --force to overwrite\)", existing)
+    expect_refusal(
+        ["merge", "--model", base, "--index", ip, "--delta", dp, "-o", existing],
+        r"exists: already exists \(use --force to overwrite\)",
+        existing,
+    )
     assert (existing / "keep").read_text() == "x"
     assert digest_tree(base) == before
-    assert run_cli("merge", "--model", base, "--index", ip, "--delta", dp, "-o", existing, "--force", "-q").exit_code == 0
+    assert (
+        run_cli("merge", "--model", base, "--index", ip, "--delta", dp, "-o", existing, "--force", "-q").exit_code == 0
+    )
     assert not (existing / "keep").exists() and (existing / "model.safetensors").exists()
 
 
@@ -283,5 +356,8 @@ def test_stale_temporaries_of_dead_runs_are_removed(fixture_models, tmp_path):
     (dead / "model.safetensors").write_bytes(b"half")
     alive = tmp_path / f".o.tmp-{1}"  # pid 1 exists: left alone
     alive.mkdir()
-    assert run_cli("merge", "--model", fixture_models["gpt2"], "--index", ip, "--delta", dp, "-o", out, "-q").exit_code == 0
+    assert (
+        run_cli("merge", "--model", fixture_models["gpt2"], "--index", ip, "--delta", dp, "-o", out, "-q").exit_code
+        == 0
+    )
     assert not dead.exists() and alive.exists() and (out / "model.safetensors").exists()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroada_tools.train.bypass import layer as bypass_layer
-from neuroada_tools.train.bypass import ops as bypass_ops
-from neuroada_tools.kernels import native
 from neuroada_tools.errors import NeuroAdaError
 from neuroada_tools.index.criteria import select
+from neuroada_tools.kernels import native
+from neuroada_tools.kernels import sddmm as sddmm_mod
+from neuroada_tools.train.bypass import layer as bypass_layer
 
 
 @pytest.fixture
@@ -86,8 +86,18 @@ def test_compiler_error_is_reported(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,d_in,d_out,k", [(1, 3, 2, 1), (63, 17, 5, 3), (64, 33, 40, 33), (200, 70, 9, 1), (130, 16, 16, 16),
-                                          (29, 27, 300, 5), (100, 43, 260, 9)])  # 16 + 8 + rest tokens and columns; 256-row chunks
+@pytest.mark.parametrize(
+    "T,d_in,d_out,k",
+    [
+        (1, 3, 2, 1),
+        (63, 17, 5, 3),
+        (64, 33, 40, 33),
+        (200, 70, 9, 1),
+        (130, 16, 16, 16),
+        (29, 27, 300, 5),
+        (100, 43, 260, 9),
+    ],
+)  # 16 + 8 + rest tokens and columns; 256-row chunks
 def test_native_sddmm_equals_dense_gradient(dtype, T, d_in, d_out, k):
     lib = native.kernel()
     if lib is None:
@@ -98,7 +108,7 @@ def test_native_sddmm_equals_dense_gradient(dtype, T, d_in, d_out, k):
     idx = torch.rand(d_out, d_in, generator=g0).topk(k, dim=1).indices.sort(dim=1).values.to(torch.int32)
     dense = g.double().t() @ x.double()  # [d_out, d_in]
     want = dense.gather(1, idx.long()).float()
-    got = bypass_ops._sddmm_native(lib, g, x, idx)
+    got = sddmm_mod._sddmm_native(lib, g, x, idx)
     assert got.dtype == torch.float32 and got.shape == (d_out, k)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -110,7 +120,7 @@ def test_native_sddmm_worked_example():
     g = torch.tensor([[1.0, 2.0]])
     x = torch.tensor([[3.0, 4.0, 5.0]])
     idx = torch.tensor([[2], [0]], dtype=torch.int32)
-    assert bypass_ops._sddmm_native(lib, g, x, idx).tolist() == [[5.0], [6.0]]
+    assert sddmm_mod._sddmm_native(lib, g, x, idx).tolist() == [[5.0], [6.0]]
 
 
 def test_native_sddmm_strided_rows():
@@ -123,7 +133,7 @@ def test_native_sddmm_strided_rows():
     x, g = big_x[:, 5:45], big_g[:, :20]
     idx = torch.rand(20, 40).topk(4, dim=1).indices.sort(dim=1).values.to(torch.int32)
     want = (g.t() @ x).gather(1, idx.long())
-    torch.testing.assert_close(bypass_ops._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sddmm_mod._sddmm_native(lib, g, x, idx), want, rtol=1e-5, atol=1e-5)
 
 
 def test_unwritable_cache_still_builds(monkeypatch, tmp_path):
@@ -134,7 +144,7 @@ def test_unwritable_cache_still_builds(monkeypatch, tmp_path):
     monkeypatch.setenv("NEUROADA_CACHE_DIR", str(blocker / "sub"))
     monkeypatch.setenv("NEUROADA_NATIVE", "1")
     lib = native._load()
-    assert lib is not None and lib.neuroada_abi_version() == native._ABI
+    assert lib is not None and lib.neuroada_abi_version() == native.abi()
 
 
 def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
@@ -152,7 +162,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
         x = torch.randn(150, 45, generator=g0).to(dtype)
         idx = torch.rand(37, 45, generator=g0).topk(11, dim=1).indices.sort(dim=1).values.to(torch.int32)
         torch.testing.assert_close(
-            bypass_ops._sddmm_native(portable, g, x, idx), bypass_ops._sddmm_native(fast, g, x, idx), rtol=1e-5, atol=1e-5
+            sddmm_mod._sddmm_native(portable, g, x, idx), sddmm_mod._sddmm_native(fast, g, x, idx), rtol=1e-5, atol=1e-5
         )
     w = (torch.randn(300, 500, generator=g0) * 0.02).to(torch.bfloat16)
     want = select(w, 20)
@@ -173,8 +183,8 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, parts, monkey
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from neuroada_tools.train.bypass import attach
     from neuroada_tools.io.sidecar import IndexSidecar, TensorEntry
+    from neuroada_tools.train.bypass import attach
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
     monkeypatch.setattr(bypass_layer, "_REFRESH_ENTRIES_PER_PART", 16)  # 24 rows x 7: up to 10 parts
@@ -185,8 +195,12 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, parts, monkey
         layer = layer.to(dtype)
         logical = layer.weight if kind == "linear" else layer.weight.t()
         idx = select(logical.detach(), 7)
-        index = IndexSidecar(k=7, criterion="magnitude", indices={"0.weight": idx},
-                             entries={"0.weight": TensorEntry((24, 40), "out_in" if kind == "linear" else "in_out", "F32", "0" * 64)})
+        index = IndexSidecar(
+            k=7,
+            criterion="magnitude",
+            indices={"0.weight": idx},
+            entries={"0.weight": TensorEntry((24, 40), "out_in" if kind == "linear" else "in_out", "F32", "0" * 64)},
+        )
         net = nn.Sequential(layer)
         (delta,) = attach(net, index).values()
         with torch.no_grad():
@@ -198,8 +212,10 @@ def test_native_refresh_writes_the_same_bits_as_torch(dtype, kind, parts, monkey
             layer._neuroada_refresh()
             assert layer.weight._version > v  # autograd sees the in-place write
         results.append(layer.weight.detach().clone())
-    assert torch.equal(results[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       results[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(
+        results[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        results[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
@@ -208,17 +224,17 @@ def test_native_sddmm_thread_split(threads, monkeypatch, sddmm_lib):
     the dense gradient, and the same thread count gives the same bits twice."""
     lib = sddmm_lib
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_THREAD", 64)  # split T=130 and T=700 as finely as C allows
-    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_STARTED_THREAD", 64)
+    monkeypatch.setattr(sddmm_mod, "_TOKENS_PER_THREAD", 64)  # split T=130 and T=700 as finely as C allows
+    monkeypatch.setattr(sddmm_mod, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(threads)
     for T in (1, 63, 64, 130, 700):
         g = torch.randn(T, 24, generator=g0)
         x = torch.randn(T, 90, generator=g0)
         idx = torch.rand(24, 90, generator=g0).topk(13, dim=1).indices.sort(dim=1).values.to(torch.int32)
         want = (g.double().t() @ x.double()).gather(1, idx.long()).float()
-        first = bypass_ops._sddmm_native(lib, g, x, idx)
+        first = sddmm_mod._sddmm_native(lib, g, x, idx)
         torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(bypass_ops._sddmm_native(lib, g, x, idx), first)
+        assert torch.equal(sddmm_mod._sddmm_native(lib, g, x, idx), first)
 
 
 @pytest.fixture(params=["openmp team", "threads started per call"])
@@ -257,16 +273,16 @@ def test_openmp_team_and_started_threads_give_the_same_bits(threads, monkeypatch
     if lib is None or not native.openmp_bound():
         pytest.skip("no OpenMP team to compare with")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_THREAD", 64)  # the same part count on both paths
-    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_STARTED_THREAD", 64)
+    monkeypatch.setattr(sddmm_mod, "_TOKENS_PER_THREAD", 64)  # the same part count on both paths
+    monkeypatch.setattr(sddmm_mod, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(threads)
     g = torch.randn(700, 50, generator=g0)
     x = torch.randn(700, 90, generator=g0)
     idx = torch.rand(50, 90, generator=g0).topk(13, dim=1).indices.sort(dim=1).values.to(torch.int32)
-    team = bypass_ops._sddmm_native(lib, g, x, idx)
+    team = sddmm_mod._sddmm_native(lib, g, x, idx)
     try:
         native.bind_openmp(lib, None)
-        started = bypass_ops._sddmm_native(lib, g, x, idx)
+        started = sddmm_mod._sddmm_native(lib, g, x, idx)
     finally:
         native.bind_openmp(lib)
     assert torch.equal(team.view(torch.int32), started.view(torch.int32))
@@ -280,8 +296,8 @@ def test_native_sddmm_from_several_threads_at_once(monkeypatch, sddmm_lib):
 
     lib = sddmm_lib
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_THREAD", 64)  # T=300: two parts per call
-    monkeypatch.setattr(bypass_ops, "_TOKENS_PER_STARTED_THREAD", 64)
+    monkeypatch.setattr(sddmm_mod, "_TOKENS_PER_THREAD", 64)  # T=300: two parts per call
+    monkeypatch.setattr(sddmm_mod, "_TOKENS_PER_STARTED_THREAD", 64)
     g0 = torch.Generator().manual_seed(11)
     cases = []
     for _ in range(4):
@@ -294,7 +310,7 @@ def test_native_sddmm_from_several_threads_at_once(monkeypatch, sddmm_lib):
     def run(case):
         g, x, idx, want = case
         for _ in range(30):
-            got = bypass_ops._sddmm_native(lib, g, x, idx)
+            got = sddmm_mod._sddmm_native(lib, g, x, idx)
             if not torch.allclose(got, want, rtol=1e-5, atol=1e-4):
                 errors.append("mismatch")
                 return
@@ -329,6 +345,5 @@ def test_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
     cached = native._build(native._compiler())  # built but not loaded (a loaded file must not be overwritten)
     cached.write_bytes(b"\x7fELF truncated")
     lib = native._load()
-    assert lib is not None and lib.neuroada_abi_version() == native._ABI
+    assert lib is not None and lib.neuroada_abi_version() == native.abi()
     assert cached.stat().st_size > 1000
-

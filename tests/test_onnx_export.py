@@ -16,12 +16,6 @@ import onnx
 import pytest
 import torch
 
-from neuroada_tools.export import onnx_export
-from neuroada_tools.errors import ModelError, OutputError, ParityError
-from neuroada_tools.export.onnx_export import MODEL_FILE, MODEL_WITH_PAST_FILE, OPSET, export_onnx
-from neuroada_tools.export.onnx_wrappers import EXPORT_BATCH, EXPORT_SEQ
-from neuroada_tools.hf import load_complete as load_model
-from neuroada_tools.hf.signature import uses_token_type_ids
 from neuroada_tools.check.parity import (
     TOLERANCES,
     assert_within,
@@ -31,6 +25,12 @@ from neuroada_tools.check.parity import (
     run_onnx,
     run_torch,
 )
+from neuroada_tools.errors import ModelError, OutputError, ParityError
+from neuroada_tools.export import onnx_export
+from neuroada_tools.export.onnx_export import MODEL_FILE, MODEL_WITH_PAST_FILE, OPSET, export_onnx
+from neuroada_tools.export.onnx_wrappers import EXPORT_BATCH, EXPORT_SEQ
+from neuroada_tools.hf import load_complete as load_model
+from neuroada_tools.hf.signature import uses_token_type_ids
 
 ONNX_TOL = TOLERANCES["fp32"]["onnx"]
 DECODERS = ["llama", "gpt2"]

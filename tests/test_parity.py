@@ -15,10 +15,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from neuroada_tools.errors import ModelError, ParityError
-from neuroada_tools.export.onnx_wrappers import EXPORT_BATCH, EXPORT_SEQ
-from neuroada_tools.hf import load_complete as load_model
-from neuroada_tools.hf.signature import position_ids_from_mask
 from neuroada_tools.check.parity import (
     PARITY_BATCH,
     PARITY_SEQ,
@@ -32,6 +28,10 @@ from neuroada_tools.check.parity import (
     run_torch,
     tolerance_for,
 )
+from neuroada_tools.errors import ModelError, ParityError
+from neuroada_tools.export.onnx_wrappers import EXPORT_BATCH, EXPORT_SEQ
+from neuroada_tools.hf import load_complete as load_model
+from neuroada_tools.hf.signature import position_ids_from_mask
 
 # --------------------------------------------------------------------------- compare_logits
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroada_tools.kernels import native
 from neuroada_tools.index.criteria import magnitude_bits, reference_select, select
+from neuroada_tools.kernels import native
 
 
 @pytest.fixture(autouse=True, params=["native", "torch"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from neuroada_tools.errors import FingerprintError, SidecarError
-from neuroada_tools.io.safetensors_file import write_file
 from neuroada_tools.index.criteria import select
+from neuroada_tools.io.safetensors_file import write_file
 from neuroada_tools.io.sidecar import (
     DeltaSidecar,
     IndexSidecar,
@@ -205,10 +205,16 @@ def test_entry_without_tensor(tmp_path):
     [
         (torch.zeros(8, 3, dtype=torch.int64), f"'{NAME}': dtype must be I32, found int64"),
         (torch.zeros(7, 3, dtype=torch.int32), f"'{NAME}': shape [7, 3] does not match [d_out=8, k]"),
-        (torch.arange(4, dtype=torch.int32).expand(8, 4).contiguous(), f"'{NAME}': 4 columns per row, expected 1..min(k=3, d_in=10)"),
+        (
+            torch.arange(4, dtype=torch.int32).expand(8, 4).contiguous(),
+            f"'{NAME}': 4 columns per row, expected 1..min(k=3, d_in=10)",
+        ),
         (torch.tensor([[0, 1, 2]] * 7 + [[0, 1, 10]], dtype=torch.int32), f"'{NAME}' row 7: index 10 outside 0..9"),
         (torch.tensor([[0, 1, 2]] * 7 + [[0, -1, 2]], dtype=torch.int32), f"'{NAME}' row 7: index -1 outside 0..9"),
-        (torch.tensor([[0, 1, 2]] * 5 + [[4, 4, 5]] + [[0, 1, 2]] * 2, dtype=torch.int32), f"'{NAME}' row 5: indices not increasing (4 >= 4)"),
+        (
+            torch.tensor([[0, 1, 2]] * 5 + [[4, 4, 5]] + [[0, 1, 2]] * 2, dtype=torch.int32),
+            f"'{NAME}' row 5: indices not increasing (4 >= 4)",
+        ),
     ],
 )
 def test_index_tensor_rules(tmp_path, tensor, message):
@@ -221,8 +227,13 @@ def test_index_tensor_rules(tmp_path, tensor, message):
 
 
 def make_delta(tmp_path, index, **kw) -> Path:
-    d = DeltaSidecar(index_digest=index.digest, deltas={NAME: torch.randn(8, 3)},
-                     dense={"classifier.weight": torch.randn(2, 8)}, task="classification", info={"num_labels": 2})
+    d = DeltaSidecar(
+        index_digest=index.digest,
+        deltas={NAME: torch.randn(8, 3)},
+        dense={"classifier.weight": torch.randn(2, 8)},
+        task="classification",
+        info={"num_labels": 2},
+    )
     for k, v in kw.items():
         setattr(d, k, v)
     p = tmp_path / "a.delta.safetensors"
@@ -244,7 +255,9 @@ def test_delta_roundtrip(tmp_path):
 def test_delta_for_another_index_refused(tmp_path):
     index, _, _ = make_index(tmp_path)
     p = make_delta(tmp_path, index, index_digest="a" * 64)
-    with pytest.raises(SidecarError, match=r"a.delta.safetensors: made for index sha256 aaaaaaaaaaaa\.\.\., but the given index is"):
+    with pytest.raises(
+        SidecarError, match=r"a.delta.safetensors: made for index sha256 aaaaaaaaaaaa\.\.\., but the given index is"
+    ):
         read_delta(p, index)
 
 
@@ -267,7 +280,9 @@ def test_delta_nan_and_dtype_refused(tmp_path):
         read_delta(p)
     meta = {"neuroada.magic": "neuroada-delta", "neuroada.version": "1", "neuroada.index_sha256": index.digest}
     p = raw_write(tmp_path / "b.delta.safetensors", {NAME: torch.zeros(8, 3, dtype=torch.bfloat16)}, meta)
-    with pytest.raises(SidecarError, match=re.escape(f"b.delta.safetensors: '{NAME}': dtype must be F32, found bfloat16")):
+    with pytest.raises(
+        SidecarError, match=re.escape(f"b.delta.safetensors: '{NAME}': dtype must be F32, found bfloat16")
+    ):
         read_delta(p)
 
 
@@ -283,5 +298,7 @@ def test_index_given_as_delta_and_vice_versa(tmp_path):
 def test_bad_digest_field(tmp_path):
     meta = {"neuroada.magic": "neuroada-delta", "neuroada.version": "1", "neuroada.index_sha256": "xyz"}
     p = raw_write(tmp_path / "c.delta.safetensors", {NAME: torch.zeros(8, 3)}, meta)
-    with pytest.raises(SidecarError, match=r"c.delta.safetensors: neuroada.index_sha256 must be 64 lowercase hex digits"):
+    with pytest.raises(
+        SidecarError, match=r"c.delta.safetensors: neuroada.index_sha256 must be 64 lowercase hex digits"
+    ):
         read_delta(p)

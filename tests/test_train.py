@@ -16,14 +16,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from neuroada_tools.train import bypass
-from neuroada_tools.train import data as data_mod
-from neuroada_tools.train import loop as train_mod
 from neuroada_tools.cli import main
 from neuroada_tools.errors import DataError, FingerprintError, TrainingError
 from neuroada_tools.index.build import run_index
 from neuroada_tools.io.safetensors_file import read_all, read_header
 from neuroada_tools.io.sidecar import read_delta, read_index
+from neuroada_tools.train import bypass
+from neuroada_tools.train import data as data_mod
+from neuroada_tools.train import loop as train_mod
+from neuroada_tools.train import steps as steps_mod
 from neuroada_tools.train.loop import TrainConfig, state_path, train
 
 TEXTS = [
@@ -42,7 +43,7 @@ SUMMARY_FIELDS = {
     "output", "state", "sha256", "task", "steps", "start_step", "total_steps", "epochs", "examples",
     "skipped_examples", "truncated_examples", "tokens", "target_tokens", "seconds", "first_loss",
     "last_loss", "trainable_parameters", "delta_parameters", "head_parameters", "lr", "seed", "device",
-    "dtype", "label_names", "eval",
+    "dtype", "label_names", "eval", "kernels",
 }
 
 
@@ -219,7 +220,8 @@ def test_interrupted_then_resumed_equals_straight(fixture_models, work, tmp_path
     s = json.loads(stdout)
     assert s["start_step"] == 3 and s["steps"] == 7
     a, b = load_file(straight), load_file(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and differ == [], differ
     sa = read_all(state_path(straight), read_header(state_path(straight)), TrainingError)
     sb = read_all(state_path(resumed), read_header(state_path(resumed)), TrainingError)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -228,9 +230,27 @@ def test_interrupted_then_resumed_equals_straight(fixture_models, work, tmp_path
 
     # a resume with a setting that shapes the trajectory changed is refused
     code, _, stderr = cli(
-        "--model", fixture_models["bert-base"], "--index", work["index:bert-base"], "--data", work["cls"],
-        "-o", resumed, "--max-steps", 9, "--batch-size", 2, "--grad-accum", 2, "--max-length", 32,
-        "--lr", 5e-3, "--seed", 1, "--resume",
+        "--model",
+        fixture_models["bert-base"],
+        "--index",
+        work["index:bert-base"],
+        "--data",
+        work["cls"],
+        "-o",
+        resumed,
+        "--max-steps",
+        9,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        2,
+        "--max-length",
+        32,
+        "--lr",
+        5e-3,
+        "--seed",
+        1,
+        "--resume",
     )
     assert code == 2 and "cannot resume with lr" in stderr
 
@@ -251,8 +271,20 @@ def test_index_from_another_base_is_refused(fixture_models, work, tmp_path):
 
     out = tmp_path / "out" / "x.delta.safetensors"
     out.parent.mkdir()
-    code, _, stderr = cli("--model", fixture_models["llama"], "--index", other_index, "--data", work["text"],
-                          "-o", out, "--max-steps", 2, "--max-length", 32)
+    code, _, stderr = cli(
+        "--model",
+        fixture_models["llama"],
+        "--index",
+        other_index,
+        "--data",
+        work["text"],
+        "-o",
+        out,
+        "--max-steps",
+        2,
+        "--max-length",
+        32,
+    )
     assert code == 2
     assert name in stderr and "fingerprint" in stderr
     assert list(out.parent.iterdir()) == []
@@ -267,8 +299,19 @@ def test_bad_data_line_names_file_and_line_and_writes_nothing(fixture_models, wo
     out = tmp_path / "out" / "x.delta.safetensors"
     out.parent.mkdir()
     args = ["--data", bad] if which == "data" else ["--data", work["text"], "--eval-data", bad]
-    code, _, stderr = cli("--model", fixture_models["gpt2"], "--index", work["index:gpt2"], *args, "-o", out,
-                          "--max-steps", 2, "--max-length", 32)
+    code, _, stderr = cli(
+        "--model",
+        fixture_models["gpt2"],
+        "--index",
+        work["index:gpt2"],
+        *args,
+        "-o",
+        out,
+        "--max-steps",
+        2,
+        "--max-length",
+        32,
+    )
     assert code == 2
     assert "bad.jsonl line 3" in stderr and "invalid JSON" in stderr
     assert list(out.parent.iterdir()) == []
@@ -278,19 +321,31 @@ def test_classification_label_errors_and_option_errors(fixture_models, work, tmp
     model, index = fixture_models["bert-base"], work["index:bert-base"]
     bad = write_jsonl(tmp_path / "labels.jsonl", [{"text": "good", "label": 0}, {"text": "bad", "label": 5}])
     out = tmp_path / "x.delta.safetensors"
-    code, _, stderr = cli("--model", model, "--index", index, "--data", bad, "-o", out, "--num-labels", 2,
-                          "--max-length", 32)
+    code, _, stderr = cli(
+        "--model", model, "--index", index, "--data", bad, "-o", out, "--num-labels", 2, "--max-length", 32
+    )
     assert code == 2 and "labels.jsonl line 2" in stderr and "outside range(2)" in stderr
     code, _, stderr = cli("--model", model, "--index", index, "--data", work["cls"], "-o", out, "--max-length", 512)
     assert code == 2 and "64 positions" in stderr
-    code, _, stderr = cli("--model", model, "--index", index, "--data", work["cls"], "-o", out, "--resume",
-                          "--max-length", 32)
+    code, _, stderr = cli(
+        "--model", model, "--index", index, "--data", work["cls"], "-o", out, "--resume", "--max-length", 32
+    )
     assert code == 2 and "no resume state" in stderr
     out.write_bytes(b"")
     code, _, stderr = cli("--model", model, "--index", index, "--data", work["cls"], "-o", out, "--max-length", 32)
     assert code == 2 and "already exists" in stderr
-    code, _, stderr = cli("--model", model, "--index", index, "--data", work["cls"], "-o",
-                          model / "inside.delta.safetensors", "--max-length", 32)
+    code, _, stderr = cli(
+        "--model",
+        model,
+        "--index",
+        index,
+        "--data",
+        work["cls"],
+        "-o",
+        model / "inside.delta.safetensors",
+        "--max-length",
+        32,
+    )
     assert code == 2 and "inside the base model folder" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.jsonl", "x.delta.safetensors"]
 
@@ -299,7 +354,7 @@ def test_classification_label_errors_and_option_errors(fixture_models, work, tmp
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fixture_models, work, tmp_path, monkeypatch):
-    real = train_mod.compute_loss
+    real = steps_mod.compute_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -307,16 +362,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fixture_models, work,
         loss, correct = real(*args, **kwargs)
         return (loss * float("nan") if calls["n"] == 5 else loss), correct
 
-    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(steps_mod, "compute_loss", poisoned)
     out = tmp_path / "n.delta.safetensors"
-    code, _, stderr = cli("--model", fixture_models["gpt2"], "--index", work["index:gpt2"], "--data", work["text"],
-                          "-o", out, "--max-steps", 8, "--save-every", 2, "--batch-size", 2, "--max-length", 32)
+    code, _, stderr = cli(
+        "--model",
+        fixture_models["gpt2"],
+        "--index",
+        work["index:gpt2"],
+        "--data",
+        work["text"],
+        "-o",
+        out,
+        "--max-steps",
+        8,
+        "--save-every",
+        2,
+        "--batch-size",
+        2,
+        "--max-length",
+        32,
+    )
     assert code == 2
     assert "NaN" in stderr and "step 5" in stderr and "last good checkpoint (step 4)" in stderr
     delta = read_delta(out, read_index(work["index:gpt2"]))  # readable: no NaN in it
     assert delta.info["steps"] == 4
     assert json.loads(read_header(state_path(out)).metadata["neuroada.state"])["step"] == 4
-    monkeypatch.setattr(train_mod, "compute_loss", real)
+    monkeypatch.setattr(steps_mod, "compute_loss", real)
 
     # a learning rate that blows up: stopped at step 2, nothing was saved yet, nothing written
     out2 = tmp_path / "blow" / "b.delta.safetensors"
@@ -332,15 +403,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fixture_models, work,
 def test_multiple_choice_bf16_with_gradient_checkpointing(fixture_models, work, tmp_path):
     record = {
         "instruction": "Please choose the correct answer to the question: What is the capital of France?\n\n"
-                       "Answer1: Haus Answer2: Paris Answer3: blue\n\nAnswer format: answer1/answer2/answer3",
-        "input": "", "output": "the correct answer is answer2", "answer": "answer2",
+        "Answer1: Haus Answer2: Paris Answer3: blue\n\nAnswer format: answer1/answer2/answer3",
+        "input": "",
+        "output": "the correct answer is answer2",
+        "answer": "answer2",
     }
-    two = dict(record, instruction="Please choose the correct answer to the question: Which is a colour?\n\n"
-                                   "Answer1: red Answer2: dog\n\nAnswer format: answer1/answer2", answer="answer1")
+    two = dict(
+        record,
+        instruction="Please choose the correct answer to the question: Which is a colour?\n\n"
+        "Answer1: red Answer2: dog\n\nAnswer format: answer1/answer2",
+        answer="answer1",
+    )
     data = write_jsonl(tmp_path / "arc.jsonl", [record, two] * 2)  # 3 and 2 options: padded choices
     out = tmp_path / "mc.delta.safetensors"
-    s = train(config(fixture_models, {**work, "mc": data}, "bert-base", out, data="mc", task="multiple-choice",
-                     dtype="bf16", gradient_checkpointing=True, max_steps=3, eval_data=data))
+    s = train(
+        config(
+            fixture_models,
+            {**work, "mc": data},
+            "bert-base",
+            out,
+            data="mc",
+            task="multiple-choice",
+            dtype="bf16",
+            gradient_checkpointing=True,
+            max_steps=3,
+            eval_data=data,
+        )
+    )
     assert s.task == "multiple-choice" and s.head_parameters == 33 and len(s.losses) == 3
     assert all(torch.isfinite(torch.tensor(s.losses))) and 0.0 <= s.eval["accuracy"] <= 1.0
     delta = read_delta(out, read_index(work["index:bert-base"]))
@@ -379,5 +468,7 @@ def test_instruction_data_prompt_masking_and_train_on_prompt(fixture_models, wor
     s = train(config(fixture_models, w, "llama", out, data="inst", max_steps=2, force=True))
     from transformers import AutoTokenizer
 
-    n_response = len(AutoTokenizer.from_pretrained(fixture_models["llama"])("Paris.", add_special_tokens=False).input_ids)
+    n_response = len(
+        AutoTokenizer.from_pretrained(fixture_models["llama"])("Paris.", add_special_tokens=False).input_ids
+    )
     assert s.steps == 2 and s.target_tokens == 2 * 2 * (n_response + 1)

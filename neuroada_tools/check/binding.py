@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.errors import FingerprintError
+from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.io.names import match_names
 from neuroada_tools.io.sidecar import IndexSidecar, verify_fingerprint
 

@@ -13,9 +13,6 @@ from pathlib import Path
 
 import torch
 
-from neuroada_tools.train import bypass
-from neuroada_tools.errors import ParityError
-from neuroada_tools.hf.signature import uses_token_type_ids
 from neuroada_tools.check.parity import (
     PARITY_BATCH,
     PARITY_SEQ,
@@ -27,8 +24,11 @@ from neuroada_tools.check.parity import (
     run_torch,
     tolerance_for,
 )
-from neuroada_tools.io.sidecar import read_delta, read_index
+from neuroada_tools.errors import ParityError
 from neuroada_tools.hf import load_model, task_config
+from neuroada_tools.hf.signature import uses_token_type_ids
+from neuroada_tools.io.sidecar import read_delta, read_index
+from neuroada_tools.train import bypass
 
 
 @dataclass
@@ -132,10 +132,12 @@ def run_check(
 
 
 def human(result: dict) -> str:
-    lines = [f"parity ({result['dtype']}, {result['task']}, fresh inputs batch {result['batch']} x seq {result['seq']}, padded):"]
+    lines = [f"parity ({result['dtype']}, {result['task']}, fresh inputs batch {result['batch']} x seq "
+        f"{result['seq']}, padded):"]
     for n, c in result["comparisons"].items():
         lines.append(
-            f"  {n:22s} max abs {c['max_abs']:.3e}  max rel {c['max_rel']:.3e}  argmax {100 * c['argmax_agreement']:.1f}%  "
+            f"  {n:22s} max abs {c['max_abs']:.3e}  max rel {c['max_rel']:.3e}  argmax "
+                f"{100 * c['argmax_agreement']:.1f}%  "
             f"tol {c['tolerance']:.1e}  {'ok' if c['passed'] else 'FAILED'}"
         )
     return "\n".join(lines)

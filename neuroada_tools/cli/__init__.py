@@ -16,8 +16,11 @@ from neuroada_tools import __version__  # noqa: E402
 from neuroada_tools.cli import check, demo, index, merge, train_sparse  # noqa: E402
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-             epilog="\b\nExample:\n  neuroada-tools index ./my-model -k 20 -o my-model.index.safetensors\n  neuroada-tools <command> --help")
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="\b\nExample:\n  neuroada-tools index ./my-model -k 20 -o my-model.index.safetensors\n  neuroada-tools "
+        "<command> --help",
+)
 @click.version_option(__version__, prog_name="neuroada-tools")
 def main() -> None:
     """NeuroAda sparse fine-tuning: index -> train-sparse -> merge (safetensors / ONNX)."""

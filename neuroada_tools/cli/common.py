@@ -1,7 +1,7 @@
 """Helpers shared by the CLI commands: error mapping, progress bar, summary output.
 
-Kept apart from ``cli.py`` so command modules (``cli_train``, ``cli_merge``, ...) can import them
-without importing the command group that registers them.
+Kept apart from ``cli/__init__.py`` so command modules can import them without importing the
+command group that registers them.
 """
 
 from __future__ import annotations
@@ -65,8 +65,14 @@ def progress_bar(quiet: bool, desc: str, unit: str = "B"):
 
 
 def emit(summary: dict, as_json: bool, human: Callable[[dict], str]) -> None:
-    """Print the final summary: JSON on stdout with ``--json``, else a few human lines."""
+    """Print the final summary: JSON on stdout with ``--json``, else a few human lines.
+
+    The JSON also records which kernels ran (``"kernels"``: ``"compiled"``, ``"torch (why)"``, or
+    ``"not loaded"`` for a command that needed none)."""
     if as_json:
+        from neuroada_tools.kernels import native
+
+        summary = {**summary, "kernels": native.status()}
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
         click.echo(human(summary))

@@ -39,23 +39,37 @@ def onnx_predict(onnx_dir: Path, texts: list[str]) -> list[tuple[str, float]]:
 
 @click.command("demo", epilog="\b\nExample:\n  neuroada-tools demo --out ./neuroada-demo\n"
                "  neuroada-tools demo --data ../shared/data/boolq/train.json --label-field answer --steps 200")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Encoder model folder (default: all-MiniLM-L6-v2).")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="Classification data (default: built-in demo set).")
+@click.option(
+    "--model", type=click.Path(path_type=Path), default=None, help="Encoder model folder (default: all-MiniLM-L6-v2)."
+)
+@click.option(
+    "--data", type=click.Path(path_type=Path), default=None, help="Classification data (default: built-in demo set)."
+)
 @click.option("--label-field", default=None, help="Label field of --data (e.g. answer for BoolQ).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("neuroada-demo"), show_default=True, help="Output folder.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("neuroada-demo"), show_default=True, help="Output folder."
+)
 @click.option("-k", "k", type=int, default=4, show_default=True, help="Trainable connections per neuron.")
 @click.option("--steps", type=int, default=60, show_default=True, help="Training steps.")
 @click.option("--lr", type=float, default=5e-3, show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 @handle_errors
-def command(model: Path | None, data: Path | None, label_field: str | None, out: Path, k: int, steps: int,
-            lr: float, quiet: bool) -> None:
+def command(
+    model: Path | None,
+    data: Path | None,
+    label_field: str | None,
+    out: Path,
+    k: int,
+    steps: int,
+    lr: float,
+    quiet: bool,
+) -> None:
     """Run index -> train-sparse -> merge (safetensors + ONNX, parity-checked) -> ONNX predictions."""
     from neuroada_tools.check.run import human as human_check
     from neuroada_tools.check.run import run_check
-    from neuroada_tools.train.data.demo import TRY_SENTENCES, minilm_path, write_demo_data
-    from neuroada_tools.index.build import run_index
     from neuroada_tools.export.pipeline import merge_to_onnx
+    from neuroada_tools.index.build import run_index
+    from neuroada_tools.train.data.demo import TRY_SENTENCES, minilm_path, write_demo_data
     from neuroada_tools.train.loop import TrainConfig, train
 
     t0 = time.perf_counter()
@@ -68,18 +82,34 @@ def command(model: Path | None, data: Path | None, label_field: str | None, out:
 
     index_path = out / f"minilm.k{k}.index.safetensors"
     s = run_index(model, k, index_path, force=True)
-    click.echo(f"[1/4] index: {s.tensors_adapted} tensors, {s.trainable_parameters:,} trainable parameters "
-               f"({100 * s.trainable_share:.3f}% of {s.model_parameters:,}) -> {index_path}")
+    click.echo(
+        f"[1/4] index: {s.tensors_adapted} tensors, {s.trainable_parameters:,} trainable parameters "
+        f"({100 * s.trainable_share:.3f}% of {s.model_parameters:,}) -> {index_path}"
+    )
 
     delta_path = out / "demo.delta.safetensors"
-    cfg = TrainConfig(model=model, index=index_path, data=data, output=delta_path, task="classification",
-                      label_field=label_field, eval_data=eval_data, lr=lr, max_steps=steps, batch_size=16,
-                      max_length=64, seed=0, force=True)
+    cfg = TrainConfig(
+        model=model,
+        index=index_path,
+        data=data,
+        output=delta_path,
+        task="classification",
+        label_field=label_field,
+        eval_data=eval_data,
+        lr=lr,
+        max_steps=steps,
+        batch_size=16,
+        max_length=64,
+        seed=0,
+        force=True,
+    )
     ts = train(cfg).to_dict()
     ev = ts.get("eval") or {}
     acc = f", eval accuracy {100 * ev['accuracy']:.1f}%" if ev.get("accuracy") is not None else ""
-    click.echo(f"[2/4] train-sparse: {ts['steps']} steps in {ts['seconds']:.1f}s, loss {ts['first_loss']:.3f} -> "
-               f"{ts['last_loss']:.3f}{acc}; labels {ts['label_names']} -> {delta_path}")
+    click.echo(
+        f"[2/4] train-sparse: {ts['steps']} steps in {ts['seconds']:.1f}s, loss {ts['first_loss']:.3f} -> "
+        f"{ts['last_loss']:.3f}{acc}; labels {ts['label_names']} -> {delta_path}"
+    )
 
     merged, onnx_dir = out / "merged", out / "onnx"
 

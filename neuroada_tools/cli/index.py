@@ -16,14 +16,33 @@ Example:
 @click.command("index", epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-k", "k", type=int, default=20, show_default=True, help="Trainable input connections per output neuron.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Index sidecar to write (*.index.safetensors).")
-@click.option("--criterion", type=click.Choice(["magnitude", "random", "smallest"]), default="magnitude", show_default=True,
-              help="magnitude: top-k of |W| per row (the method); random: seeded; smallest: bottom-k (ablation).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Index sidecar to write (*.index.safetensors).",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["magnitude", "random", "smallest"]),
+    default="magnitude",
+    show_default=True,
+    help="magnitude: top-k of |W| per row (the method); random: seeded; smallest: bottom-k (ablation).",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for --criterion random (default 0).")
-@click.option("--target", "targets", multiple=True, metavar="PATTERN",
-              help="Adapt these modules instead of the defaults (PEFT target_modules: regex full match or dotted suffix). Repeatable.")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="PATTERN",
+    help="Adapt these modules instead of the defaults (PEFT target_modules: regex full match or dotted suffix). "
+        "Repeatable.",
+)
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="Leave these modules out. Repeatable.")
-@click.option("--clip-k", is_flag=True, help="Use min(k, d_in) for tensors with fewer than k inputs instead of failing.")
+@click.option(
+    "--clip-k", is_flag=True, help="Use min(k, d_in) for tensors with fewer than k inputs instead of failing."
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -40,8 +59,17 @@ def command(model, k, output, criterion, seed, targets, excludes, clip_k, force,
         raise click.UsageError("--seed only applies to --criterion random")
     with progress_bar(quiet, "index") as (set_total, advance, _):
         summary = run_index(
-            model, k, output, force=force, criterion=criterion, seed=seed, include=targets,
-            exclude=excludes, clip_k=clip_k, progress_total=set_total, progress=advance,
+            model,
+            k,
+            output,
+            force=force,
+            criterion=criterion,
+            seed=seed,
+            include=targets,
+            exclude=excludes,
+            clip_k=clip_k,
+            progress_total=set_total,
+            progress=advance,
         )
     emit(summary.to_dict(), as_json, _human_index)
 

@@ -31,24 +31,60 @@ def parse_size(text: str | None) -> int | None:
 
 
 @click.command("merge", epilog=EPILOG)
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="Base model folder (or checkpoint file).")
+@click.option(
+    "--model", "model", required=True, type=click.Path(path_type=Path), help="Base model folder (or checkpoint file)."
+)
 @click.option("--index", "index", required=True, type=click.Path(path_type=Path), help="Index sidecar.")
 @click.option("--delta", "delta", required=True, type=click.Path(path_type=Path), help="Delta sidecar.")
 @click.option("--to", "to", type=click.Choice(["safetensors", "onnx"]), default="safetensors", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Merged weight dtype (default: the base's).")
-@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB); default keeps the base's sharding.")
-@click.option("--onnx-dtype", type=click.Choice(["fp32", "keep"]), default="fp32", show_default=True,
-              help="ONNX compute dtype: fp32 (bf16/fp16 weights upcast) or keep the model's.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    default=None,
+    help="Merged weight dtype (default: the base's).",
+)
+@click.option(
+    "--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB); default keeps the base's sharding."
+)
+@click.option(
+    "--onnx-dtype",
+    type=click.Choice(["fp32", "keep"]),
+    default="fp32",
+    show_default=True,
+    help="ONNX compute dtype: fp32 (bf16/fp16 weights upcast) or keep the model's.",
+)
 @click.option("--with-past", is_flag=True, help="ONNX, decoders: also export the KV-cache graph model_with_past.onnx.")
-@click.option("--check/--no-check", default=True, show_default=True, help="Compare logits with the unmerged model after writing.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX Runtime provider for the check.")
+@click.option(
+    "--check/--no-check", default=True, show_default=True, help="Compare logits with the unmerged model after writing."
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime provider for the check.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, with_past, check, provider, force,
-            as_json, quiet) -> None:
+def command(
+    model,
+    index,
+    delta,
+    to,
+    output,
+    dtype,
+    max_shard_size,
+    onnx_dtype,
+    with_past,
+    check,
+    provider,
+    force,
+    as_json,
+    quiet,
+) -> None:
     """Merge W + scatter(delta) into the base and write safetensors or ONNX, then check parity.
 
     The base is streamed one tensor at a time and never written. The output folder is an ordinary
@@ -63,8 +99,17 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
         from neuroada_tools.export.merge import merge_to_folder
 
         with progress_bar(quiet, "merge") as (set_total, advance, _):
-            s = merge_to_folder(model, index, delta, output, dtype=dtype, max_shard_size=shard, force=force,
-                                progress_total=set_total, progress=advance)
+            s = merge_to_folder(
+                model,
+                index,
+                delta,
+                output,
+                dtype=dtype,
+                max_shard_size=shard,
+                force=force,
+                progress_total=set_total,
+                progress=advance,
+            )
         summary.update(s.to_dict())
         if check:
             summary["parity"] = _check(model, index, delta, output, None, with_past, provider)
@@ -75,15 +120,32 @@ def command(model, index, delta, to, output, dtype, max_shard_size, onnx_dtype, 
             return _check(model, index, delta, merged_dir, onnx_dir, with_past, provider)
 
         with progress_bar(quiet, "merge") as (set_total, advance, bar):
-            r = merge_to_onnx(model, index, delta, output, dtype=dtype, max_shard_size=shard, onnx_dtype=onnx_dtype,
-                              with_past=with_past, force=force, check=parity if check else None,
-                              progress_total=set_total, progress=advance,
-                              say=None if quiet else (lambda msg: (bar.close(), click.echo(msg, err=True))))
+            r = merge_to_onnx(
+                model,
+                index,
+                delta,
+                output,
+                dtype=dtype,
+                max_shard_size=shard,
+                onnx_dtype=onnx_dtype,
+                with_past=with_past,
+                force=force,
+                check=parity if check else None,
+                progress_total=set_total,
+                progress=advance,
+                say=None if quiet else (lambda msg: (bar.close(), click.echo(msg, err=True))),
+            )
         e = r.export
         summary.update(r.merge.to_dict())
-        summary.update(output=str(output), onnx=str(e.model_path), onnx_with_past=str(e.with_past_path or ""),
-                       onnx_inputs=e.input_names, onnx_outputs=e.output_names, external_data=e.external_data,
-                       export_seconds=round(e.seconds, 2))
+        summary.update(
+            output=str(output),
+            onnx=str(e.model_path),
+            onnx_with_past=str(e.with_past_path or ""),
+            onnx_inputs=e.input_names,
+            onnx_outputs=e.output_names,
+            external_data=e.external_data,
+            export_seconds=round(e.seconds, 2),
+        )
         if r.checked is not None:
             summary["parity"] = r.checked
     emit(summary, as_json, lambda d: _human(d, human_check))
@@ -100,8 +162,10 @@ def _check(model, index, delta, merged_dir, onnx_dir, with_past, provider) -> di
 
 def _human(d: dict, human_check) -> str:
     lines = [f"wrote {d['output']} ({d['to']})"]
-    lines.append(f"  merged {d['tensors_merged']} tensors, copied {d['tensors_copied']}, "
-                 f"dense head tensors {d['dense_tensors']}, task {d['task']}")
+    lines.append(
+        f"  merged {d['tensors_merged']} tensors, copied {d['tensors_copied']}, "
+        f"dense head tensors {d['dense_tensors']}, task {d['task']}"
+    )
     if d["to"] == "safetensors":
         lines.append(f"  files: {', '.join(d['files'])}")
     else:

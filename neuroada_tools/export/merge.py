@@ -26,14 +26,21 @@ from pathlib import Path
 
 import torch
 
-from neuroada_tools.io.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
 from neuroada_tools import hf
-from neuroada_tools.errors import SidecarError
-from neuroada_tools.io.outputs import check_output_dir, copy_file, remove_stale_temporaries, staged_dir, write_text
-from neuroada_tools.io.names import match_names
-from neuroada_tools.io.safetensors_file import DTYPES, TORCH_TO_ST, FLOAT_DTYPES, StreamingWriter
-from neuroada_tools.io.sidecar import DENSE_PREFIX, DeltaSidecar, IndexSidecar, read_delta, read_index, verify_fingerprint
 from neuroada_tools.check.binding import check_shapes
+from neuroada_tools.errors import SidecarError
+from neuroada_tools.io.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
+from neuroada_tools.io.names import match_names
+from neuroada_tools.io.outputs import check_output_dir, copy_file, remove_stale_temporaries, staged_dir, write_text
+from neuroada_tools.io.safetensors_file import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, StreamingWriter
+from neuroada_tools.io.sidecar import (
+    DENSE_PREFIX,
+    DeltaSidecar,
+    IndexSidecar,
+    read_delta,
+    read_index,
+    verify_fingerprint,
+)
 
 SIDE_FILES_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NOT_COPIED = {INDEX_JSON, "config.json"}

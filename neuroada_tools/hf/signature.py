@@ -69,7 +69,8 @@ def flat_cache(cache, num_layers: int) -> list[torch.Tensor]:
     odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
     if odd:
         raise ModelError(
-            f"with-past export supports only full-attention cache layers (DynamicLayer); this model uses {', '.join(odd)}"
+            "with-past export supports only full-attention cache layers (DynamicLayer); this model uses "
+                f"{', '.join(odd)}"
         )
     if len(layers) != num_layers:
         raise ModelError(f"with-past export: cache has {len(layers)} layers, config says {num_layers}")

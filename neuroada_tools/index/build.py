@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from neuroada_tools.kernels import native
-from neuroada_tools.io.checkpoint import Checkpoint, open_checkpoint
 from neuroada_tools.errors import TargetError
-from neuroada_tools.io.outputs import atomic_file, check_output
 from neuroada_tools.index.criteria import CRITERIA, select
-from neuroada_tools.io.sidecar import IndexSidecar, IndexStreamWriter, TensorEntry, fingerprint
 from neuroada_tools.index.targets import Target, resolve_targets
+from neuroada_tools.io.checkpoint import Checkpoint, open_checkpoint
+from neuroada_tools.io.outputs import atomic_file, check_output
+from neuroada_tools.io.sidecar import IndexSidecar, IndexStreamWriter, TensorEntry, fingerprint
+from neuroada_tools.kernels import native
 
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 

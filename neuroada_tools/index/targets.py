@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.errors import TargetError
-from neuroada_tools.kernels.native import cache_dir
+from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.io.names import match_names
 from neuroada_tools.io.outputs import atomic_file
 from neuroada_tools.io.safetensors_file import FLOAT_DTYPES
+from neuroada_tools.kernels.native import cache_dir
 
 _BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
 _NOT_A_PROJECTION = re.compile(r"(norm|ln_|layernorm|embed|wte|wpe|rotary|bias$)", re.IGNORECASE)
@@ -129,7 +129,9 @@ def architecture_linears_cached(config: dict) -> dict[str, bool] | None:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             linears = data.get("linears") if isinstance(data, dict) else None
-            if isinstance(linears, dict) and all(isinstance(k, str) and isinstance(v, bool) for k, v in linears.items()):
+            items = linears.items() if isinstance(linears, dict) else ()
+            ok = isinstance(linears, dict) and all(isinstance(k, str) and isinstance(v, bool) for k, v in items)
+            if ok:
                 return linears
         except (OSError, ValueError, UnicodeDecodeError):
             pass
@@ -172,7 +174,9 @@ def resolve_targets(
         chosen = [n for n in chosen if not any(pattern_matches(p, module_name(n)) for p in exclude)]
     if not chosen:
         how = f"--target {' '.join(include)}" if include else "the default targets"
-        raise TargetError(f"{ckpt.root}: no tensor matched {how}" + (f" after --exclude {' '.join(exclude)}" if exclude else ""))
+        raise TargetError(
+            f"{ckpt.root}: no tensor matched {how}" + (f" after --exclude {' '.join(exclude)}" if exclude else "")
+        )
     out = []
     for n in sorted(chosen):
         ref = ckpt.tensors[n]

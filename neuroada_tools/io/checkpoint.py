@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from neuroada_tools.io.jsontext import parse_json
 from neuroada_tools.errors import CheckpointError
+from neuroada_tools.io.jsontext import parse_json
 from neuroada_tools.io.safetensors_file import Header, RawTensor, duplicate_key_hook, read_header, read_tensor
 
 INDEX_JSON = "model.safetensors.index.json"
@@ -129,8 +129,13 @@ def _read_shard_map(index_path: Path) -> dict[str, Path]:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{label}: invalid JSON ({e})") from None
 
-    doc = parse_json(text, CheckpointError, f"{label}: invalid JSON ({{why}})", f"{label}: invalid JSON (nested too deeply)",
-                     hook=duplicate_key_hook("tensor {key!r} listed twice"))
+    doc = parse_json(
+        text,
+        CheckpointError,
+        f"{label}: invalid JSON ({{why}})",
+        f"{label}: invalid JSON (nested too deeply)",
+        hook=duplicate_key_hook("tensor {key!r} listed twice"),
+    )
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{label}: no weight_map")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from neuroada_tools.io.jsontext import parse_json
 from neuroada_tools.errors import CheckpointError, NeuroAdaError
+from neuroada_tools.io.jsontext import parse_json
 
 # safetensors dtype string -> (torch dtype, item size in bytes)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -294,7 +294,8 @@ class StreamingWriter:
         self._header["__metadata__"] = dict(metadata)
         blob = self._header_blob()
         if len(blob) != self._header_len:
-            raise ValueError(f"{self.path.name}: new metadata changes the header size ({len(blob)} != {self._header_len})")
+            raise ValueError(f"{self.path.name}: new metadata changes the header size ({len(blob)} != "
+                f"{self._header_len})")
         end = self._f.tell()
         try:
             self._f.seek(8)
@@ -346,9 +347,7 @@ def _named(e: OSError, path: Path) -> OSError:
     return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
 
 
-def write_file(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write small tensors (sidecars) in the dict's order."""
     entries = [(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
     w = StreamingWriter(path, entries, metadata)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from neuroada_tools import __version__
-from neuroada_tools.io.jsontext import parse_json
 from neuroada_tools.errors import FingerprintError, SidecarError
-from neuroada_tools.io.safetensors_file import StreamingWriter, read_all, read_header, short_repr, write_file
 from neuroada_tools.index.criteria import CRITERIA
+from neuroada_tools.io.jsontext import parse_json
+from neuroada_tools.io.safetensors_file import StreamingWriter, read_all, read_header, short_repr, write_file
 
 INDEX_MAGIC = "neuroada-index"
 DELTA_MAGIC = "neuroada-delta"
@@ -229,7 +229,8 @@ def _common(path: Path, magic: str) -> tuple[dict[str, str], dict[str, torch.Ten
         raise SidecarError(f"{label}: not {'an index' if magic == INDEX_MAGIC else 'a delta'} sidecar ({what})")
     version = meta.get("neuroada.version")
     if version != str(FORMAT_VERSION):
-        raise SidecarError(f"{label}: unsupported format version {short_repr(version)} (this tool reads {FORMAT_VERSION})")
+        raise SidecarError(f"{label}: unsupported format version {short_repr(version)} (this tool reads "
+            f"{FORMAT_VERSION})")
     return meta, read_all(path, header, SidecarError), file_digest(path)
 
 
@@ -283,8 +284,12 @@ def _int_field(label: str, meta: dict[str, str], key: str, minimum: int) -> int:
 def _parse_entries(label: str, raw: str | None) -> dict[str, TensorEntry]:
     if raw is None:
         raise SidecarError(f"{label}: missing neuroada.tensors metadata")
-    doc = parse_json(raw, SidecarError, f"{label}: neuroada.tensors is not valid JSON ({{why}})",
-                     f"{label}: neuroada.tensors is nested too deeply")
+    doc = parse_json(
+        raw,
+        SidecarError,
+        f"{label}: neuroada.tensors is not valid JSON ({{why}})",
+        f"{label}: neuroada.tensors is nested too deeply",
+    )
     if not isinstance(doc, dict):
         raise SidecarError(f"{label}: neuroada.tensors must be a JSON object")
     out: dict[str, TensorEntry] = {}
@@ -343,8 +348,12 @@ def read_delta(path: Path | str, index: IndexSidecar | None = None) -> DeltaSide
     index_digest = meta.get("neuroada.index_sha256", "")
     if not _HEX64.fullmatch(index_digest):
         raise SidecarError(f"{label}: neuroada.index_sha256 must be 64 lowercase hex digits")
-    info = parse_json(meta.get("neuroada.info", "{}") or "{}", SidecarError,
-                      f"{label}: neuroada.info is not valid JSON ({{why}})", f"{label}: neuroada.info is nested too deeply")
+    info = parse_json(
+        meta.get("neuroada.info", "{}") or "{}",
+        SidecarError,
+        f"{label}: neuroada.info is not valid JSON ({{why}})",
+        f"{label}: neuroada.info is nested too deeply",
+    )
     if not isinstance(info, dict):
         raise SidecarError(f"{label}: neuroada.info must be a JSON object")
     deltas: dict[str, torch.Tensor] = {}
@@ -357,14 +366,18 @@ def read_delta(path: Path | str, index: IndexSidecar | None = None) -> DeltaSide
         if name.startswith(DENSE_PREFIX):
             if len(name) == len(DENSE_PREFIX):
                 raise SidecarError(f"{label}: empty dense tensor name")
-            dense[name[len(DENSE_PREFIX):]] = t
+            dense[name[len(DENSE_PREFIX) :]] = t
         else:
             if t.dim() != 2:
                 raise SidecarError(f"{label}: {name!r}: delta must be 2-D [d_out, k], found shape {list(t.shape)}")
             deltas[name] = t
     delta = DeltaSidecar(
-        index_digest=index_digest, deltas=deltas, dense=dense, task=meta.get("neuroada.task", ""),
-        info=info, digest=digest,
+        index_digest=index_digest,
+        deltas=deltas,
+        dense=dense,
+        task=meta.get("neuroada.task", ""),
+        info=info,
+        digest=digest,
     )
     if index is not None:
         check_delta_matches(delta, index, label)

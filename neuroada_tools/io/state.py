@@ -60,7 +60,9 @@ def state_path(output: Path | str) -> Path:
     return output.with_name(name + ".state.safetensors")
 
 
-def write_state(path: Path, named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer, meta: dict) -> None:
+def write_state(
+    path: Path, named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer, meta: dict
+) -> None:
     """Write the resume state of the trainable parameters ``named`` and their AdamW state, atomically."""
     tensors: dict[str, torch.Tensor] = {}
     for n, p in named:
@@ -91,10 +93,23 @@ def read_state(path: Path) -> TrainState:
         raise TrainingError(f"{label}: not a train-sparse resume state (magic {meta_raw.get('neuroada.magic')!r})")
     if meta_raw.get("neuroada.version") != str(STATE_VERSION):
         raise TrainingError(f"{label}: unsupported resume state version {meta_raw.get('neuroada.version')!r}")
-    meta = parse_json(meta_raw.get("neuroada.state", ""), TrainingError,
-                      f"{label}: neuroada.state is not valid JSON ({{why}})", f"{label}: neuroada.state is nested too deeply")
-    need = {"step": int, "epoch": int, "batch": int, "total_steps": int, "tokens": int, "target_tokens": int,
-            "settings": dict, "index_sha256": str, "data_sha256": str}
+    meta = parse_json(
+        meta_raw.get("neuroada.state", ""),
+        TrainingError,
+        f"{label}: neuroada.state is not valid JSON ({{why}})",
+        f"{label}: neuroada.state is nested too deeply",
+    )
+    need = {
+        "step": int,
+        "epoch": int,
+        "batch": int,
+        "total_steps": int,
+        "tokens": int,
+        "target_tokens": int,
+        "settings": dict,
+        "index_sha256": str,
+        "data_sha256": str,
+    }
     for key, typ in need.items():
         if not isinstance(meta, dict) or not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
             raise TrainingError(f"{label}: neuroada.state field {key!r} missing or not {typ.__name__}")

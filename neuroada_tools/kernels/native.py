@@ -1,12 +1,18 @@
-"""The compiled kernels (``kernels/csrc/*.c``: per-row selection, CPU SDDMM, the bypass refresh), built on
-first use, cached.
+"""The compiled kernels (``csrc/*.c``: per-row selection, CPU SDDMM, the bypass refresh), built on
+first use, cached. Their prototypes and ABI number are in ``csrc/neuroada.h``; ``kernels/ops.py``
+puts them behind torch ops.
 
 The kernel is plain C with no Python or torch headers, so it compiles in well under a second with
 the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and is loaded with ``ctypes``. The
 shared library is cached under ``$NEUROADA_CACHE_DIR`` (default ``$XDG_CACHE_HOME/neuroada-tools``,
 else ``~/.cache/neuroada-tools``) in ``native/``, named by a digest of the source, the compiler and
-the platform, written atomically. Without a compiler, or when building fails, ``kernel()`` returns
-None and ``select.py`` uses its pure-torch path, which gives the same indices, only slower.
+the platform, written atomically. A cached library is loaded only from a folder owned by this
+user and not writable by group or others (else it is built into a private temporary folder).
+Without a compiler, or when building fails, ``kernel()`` returns None, the pure torch kernels
+run (same results, slower), a note says so once on stderr, and ``status()`` (in every command's
+``--json``) records why. The kernels keep working in a child process forked after they ran (the
+C code keeps no thread pool, and the child drops the selection's Python pool and starts its own;
+see ``tests/test_kernels.py``).
 
 ``NEUROADA_NATIVE=0`` disables the kernel; ``NEUROADA_NATIVE=1`` makes a failed build an error
 instead of a silent fallback (CI sets it, so the fast path is what the tests check).
@@ -25,6 +31,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -37,14 +44,23 @@ from pathlib import Path
 from neuroada_tools.errors import NeuroAdaError
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("select.c", "sddmm.c", "refresh.c")]
+_HEADER = Path(__file__).with_name("csrc") / "neuroada.h"
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-pthread"]
 # -march=native: the kernels use AVX2/FMA (8x8 transposes) and AVX-512 or AVX2 dots where the CPU has them.
 # The library is built on the machine that runs it, and its cache name includes the CPU's feature
 # flags, so a cache folder shared between different machines never hands one the other's build.
 _NATIVE_ARCH = ["-march=native"]
-_ABI = 8
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_notes: set[str] = set()
+
+
+def abi() -> int:
+    """The ABI number the sources declare (``NEUROADA_ABI`` in ``csrc/neuroada.h``)."""
+    m = re.search(rb"#define NEUROADA_ABI (\d+)", _HEADER.read_bytes())
+    if m is None:
+        raise NeuroAdaError(f"{_HEADER}: no NEUROADA_ABI")
+    return int(m.group(1))
 
 
 def cache_dir() -> Path:
@@ -77,32 +93,70 @@ def _cpu_id() -> str:
 def _build(cc: str) -> Path:
     from neuroada_tools.io.outputs import atomic_file  # (imports torch: not at module level)
 
-    parts = [p.read_bytes() for p in _SOURCES]
+    parts = [p.read_bytes() for p in (*_SOURCES, _HEADER)]
     parts += [cc.encode(), " ".join(_FLAGS + _NATIVE_ARCH).encode(), platform.machine().encode(), sys.platform.encode()]
     parts.append(_cpu_id().encode())
     tag = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     out = cache_dir() / "native" / f"kernels-{tag}.so"
-    if out.is_file():
-        return out
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writable = os.access(out.parent, os.W_OK)
-    except OSError:
-        writable = False
-    if not writable:  # cache not writable (read-only home): build into a private temporary folder
+        out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why_not = unsafe_folder(out.parent) or (None if os.access(out.parent, os.W_OK) else "not writable")
+    except OSError as e:
+        why_not = e.strerror or str(e)
+    if why_not is None and out.is_file() and unsafe_file(out) is None:
+        return out
+    if why_not is not None:  # unsafe or unusable cache: build into a private temporary folder
+        note(f"not using the kernel cache {out.parent} ({why_not}); building into a private temporary folder")
         out = Path(tempfile.mkdtemp(prefix="neuroada-native-")) / out.name
     sources = [str(p) for p in _SOURCES]
     with atomic_file(out) as tmp:
         try:
-            subprocess.run([cc, *_FLAGS, *_NATIVE_ARCH, "-o", str(tmp), *sources], check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [cc, *_FLAGS, *_NATIVE_ARCH, "-o", str(tmp), *sources], check=True, capture_output=True, timeout=120
+            )
         except subprocess.CalledProcessError:  # a compiler without -march=native: portable build
             subprocess.run([cc, *_FLAGS, "-o", str(tmp), *sources], check=True, capture_output=True, timeout=120)
+        os.chmod(tmp, 0o700)  # only this user may replace what this user's processes load
     return out
+
+
+def unsafe_folder(folder: Path) -> str | None:
+    """Why a cache folder must not be loaded from (not ours, or writable by others), or None.
+
+    A shared library runs with the user's rights when loaded: one that another user could have
+    replaced is refused, as ssh refuses a key file others can write."""
+    st = folder.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by this user"
+    if st.st_mode & 0o022:
+        return f"writable by group or others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def unsafe_file(path: Path) -> str | None:
+    """As ``unsafe_folder``, for the cached library itself."""
+    return unsafe_folder(path)
+
+
+def note(message: str) -> None:
+    """Say something about the kernels once per process on stderr (library code prints nothing else)."""
+    if message not in _notes:
+        _notes.add(message)
+        print(f"neuroada-tools: {message}", file=sys.stderr)
+
+
+def status() -> str:
+    """What the kernels are for this process, for ``--json``: ``"compiled"``, ``"torch (REASON)"``
+    (the pure torch path: no compiler, failed build, ``NEUROADA_NATIVE=0``) or ``"not loaded"``."""
+    if "lib" not in _state:
+        return "not loaded"
+    return "compiled" if _state["lib"] is not None else f"torch ({_state.get('why', 'unavailable')})"
 
 
 def _load() -> ctypes.CDLL | None:
     mode = os.environ.get("NEUROADA_NATIVE", "auto")
     if mode == "0":
+        _state["why"] = "NEUROADA_NATIVE=0"
         return None
     try:
         cc = _compiler()
@@ -114,7 +168,7 @@ def _load() -> ctypes.CDLL | None:
         except OSError:  # a damaged cached library (say, truncated by a full disk): build it again
             path.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(_build(cc)))
-        if lib.neuroada_abi_version() != _ABI:
+        if lib.neuroada_abi_version() != abi():
             raise OSError("stale kernel library (ABI mismatch)")
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         signatures = {  # name: (argument types, result type); must match kernels/csrc/*.c
@@ -132,9 +186,14 @@ def _load() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = args, result
         return lib
     except (OSError, subprocess.SubprocessError) as e:
+        detail = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else str(e)
         if mode == "1":
-            detail = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else str(e)
             raise NeuroAdaError(f"{_SOURCES[0].parent}: building the native kernels failed: {detail}") from e
+        _state["why"] = detail.splitlines()[0][:200] if detail else type(e).__name__
+        note(
+            f"compiled kernels unavailable ({_state['why']}); using the pure torch kernels "
+            "(same results, slower; set CC to a C compiler)"
+        )
         return None
 
 
@@ -196,8 +255,10 @@ def openmp_entry_points(path: str) -> list[int | None]:
     OpenMP runtime at ``path`` (what ``neuroada_sddmm_set_openmp`` takes), or three Nones."""
     try:
         omp = ctypes.CDLL(path)  # already loaded: the same handle, the same team
-        return [ctypes.cast(getattr(omp, name), ctypes.c_void_p).value
-                for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+        return [
+            ctypes.cast(getattr(omp, name), ctypes.c_void_p).value
+            for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+        ]
     except (OSError, AttributeError):
         return [None, None, None]
 
@@ -210,6 +271,26 @@ def openmp_bound() -> bool:
 # ---------------------------------------------------------------- running kernels on threads
 
 _pool: list[ThreadPoolExecutor] = []
+
+
+def _after_fork_in_child() -> None:
+    """Make the kernels safe in a forked child, which has none of its parent's threads.
+
+    GNU libgomp's team does not survive a fork (a ``GOMP_parallel`` in the child waits forever for
+    its members), so the SDDMM and the refresh unbind from it and start their own threads per
+    call. The selection's pool would count its parent's idle workers as alive and queue work no
+    thread takes, so the child starts a pool of its own.
+    """
+    global _lock
+    _pool.clear()
+    _lock = threading.Lock()
+    lib = _state.get("lib")
+    if lib is not None and _state.get("openmp"):
+        lib.neuroada_sddmm_set_openmp(None, None, None)
+        _state["openmp"] = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def parallel(work: Callable[[int], None], parts: int) -> None:

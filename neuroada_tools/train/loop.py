@@ -39,7 +39,6 @@ evaluation during training (``eval_data`` is evaluated once, at the end), early 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,13 +59,22 @@ from neuroada_tools.train.data import collate
 from neuroada_tools.train.resume import check_resume, restore_state
 from neuroada_tools.train.setup import (
     enable_checkpointing,
-    make_optimizer,
     pick_device,
     prepare_data,
-    steps_per_epoch,
     unfreeze_head,
 )
-from neuroada_tools.train.steps import compute_loss, count_targets, epoch_batches, evaluate, lr_at, nan_message
+from neuroada_tools.train.steps import (
+    NonFinite,
+    compute_loss,
+    epoch_batches,
+    evaluate,
+    lr_at,
+    make_optimizer,
+    nan_message,
+    optimizer_step,
+    steps_per_epoch,
+    warmup_steps,
+)
 
 __all__ = ["StepInfo", "TrainConfig", "TrainSummary", "compute_loss", "evaluate", "state_path", "train"]
 
@@ -109,18 +117,30 @@ def train(
 
     # ---- 2. tokenizer and data ------------------------------------------------------------------
     prep = prepare_data(cfg, task, model_dir)
-    examples, eval_examples, label_field, label_names = prep.examples, prep.eval_examples, prep.label_field, prep.label_names
+    examples, eval_examples, label_field, label_names = (
+        prep.examples,
+        prep.eval_examples,
+        prep.label_field,
+        prep.label_names,
+    )
     pad_id = prep.pad_id
     num_examples = len(examples)
-    epoch_steps = steps_per_epoch(num_examples, cfg)
+    epoch_steps = steps_per_epoch(num_examples, cfg.batch_size, cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * epoch_steps
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    warmup = warmup_steps(total_steps, cfg.warmup_ratio)
     data_sha = file_digest(Path(cfg.data))
     settings = {
-        "task": task, "seed": cfg.seed, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-        "warmup_ratio": cfg.warmup_ratio, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-        "max_length": cfg.max_length, "max_grad_norm": cfg.max_grad_norm,
-        "train_on_prompt": cfg.train_on_prompt, "dtype": cfg.dtype,
+        "task": task,
+        "seed": cfg.seed,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "warmup_ratio": cfg.warmup_ratio,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "max_length": cfg.max_length,
+        "max_grad_norm": cfg.max_grad_norm,
+        "train_on_prompt": cfg.train_on_prompt,
+        "dtype": cfg.dtype,
         "label_field": label_field if task == "classification" else None,
         "text_field": cfg.text_field if task == "classification" else None,
         "num_labels": len(label_names) if label_names is not None else None,
@@ -138,8 +158,9 @@ def train(
     tcfg = task_config(model_dir, task, label_names=label_names, trust_remote_code=cfg.trust_remote_code)
     if getattr(tcfg, "pad_token_id", None) is None and task != "causal-lm":
         tcfg.pad_token_id = pad_id  # decoders (GPT-2) find the last token of each row by it
-    model = load_model(model_dir, task, config=tcfg, dtype=hf.DTYPES[cfg.dtype],
-                       trust_remote_code=cfg.trust_remote_code)
+    model = load_model(
+        model_dir, task, config=tcfg, dtype=hf.DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
     verify_loaded(index, model, ckpt)  # FingerprintError naming the tensor if the index is from another base
     model.to(device)
     attach(model, index)  # freezes every parameter, adds fp32 deltas (zeros)
@@ -149,7 +170,7 @@ def train(
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(named, cfg)
+    optimizer = make_optimizer([p for _, p in named], cfg.lr, cfg.weight_decay)
     delta_params = sum(p.numel() for n, p in named if n not in head)
     head_params = sum(p.numel() for n, p in named if n in head)
 
@@ -172,23 +193,35 @@ def train(
             if not bool(torch.isfinite(p).all()):
                 raise TrainingError(f"parameter {n!r} is not finite after step {step}; not saving it")
         info = {
-            "steps": step, "total_steps": total_steps, "examples": num_examples, "last_loss": last_loss,
-            "base_model_type": config_dict.get("model_type", ""), "data_sha256": data_sha,
-            "writer": f"neuroada-tools {__version__}", "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+            "steps": step,
+            "total_steps": total_steps,
+            "examples": num_examples,
+            "last_loss": last_loss,
+            "base_model_type": config_dict.get("model_type", ""),
+            "data_sha256": data_sha,
+            "writer": f"neuroada-tools {__version__}",
+            "epochs": cfg.epochs,
+            "max_steps": cfg.max_steps,
             **settings,
         }
         if label_names is not None:
             info["label_names"] = list(label_names)
-        sidecar = make_delta_sidecar(
-            model, index, dense={n: p for n, p in named if n in head}, task=task, info=info
-        )
+        sidecar = make_delta_sidecar(model, index, dense={n: p for n, p in named if n in head}, task=task, info=info)
         with atomic_file(output) as tmp:
             digest = write_delta(tmp, sidecar)
         meta = {
-            "step": step, "epoch": epoch, "batch": batch_pos, "total_steps": total_steps,
-            "tokens": tokens, "target_tokens": target_tokens, "first_loss": first_loss,
-            "last_loss": last_loss, "index_sha256": index.digest, "data_sha256": data_sha,
-            "delta_sha256": digest, "settings": settings,
+            "step": step,
+            "epoch": epoch,
+            "batch": batch_pos,
+            "total_steps": total_steps,
+            "tokens": tokens,
+            "target_tokens": target_tokens,
+            "first_loss": first_loss,
+            "last_loss": last_loss,
+            "index_sha256": index.digest,
+            "data_sha256": data_sha,
+            "delta_sha256": digest,
+            "settings": settings,
         }
         write_state(state_file, named, optimizer, meta)
         last_saved = step
@@ -196,6 +229,7 @@ def train(
 
     # ---- 5. the loop ------------------------------------------------------------------------------
     model.train()
+    params = [p for _, p in named]
     if on_start:
         on_start(total_steps, step)
     losses: list[float] = []
@@ -208,29 +242,16 @@ def train(
             epoch, batch_pos = epoch + 1, 0
             continue
         group = [collate([examples[i] for i in b], pad_id) for b in batches[batch_pos : batch_pos + cfg.grad_accum]]
-        count = sum(count_targets(mb, task) for mb in group)  # the loss is a mean over the whole step
-        lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        step_loss = 0.0
-        for mb in group:
-            loss_sum, _ = compute_loss(model, mb, task, device)
-            loss = loss_sum / count
-            if not bool(torch.isfinite(loss)):
-                raise TrainingError(nan_message("loss", step + 1, lr, output, last_saved))
-            loss.backward()
-            step_loss += float(loss.detach())
-            tokens += int(mb["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for _, p in named], cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"), foreach=False
-        )
-        if not bool(torch.isfinite(grad_norm)):
-            raise TrainingError(nan_message("gradient", step + 1, lr, output, last_saved))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(step, total_steps, warmup, cfg.lr)
+        try:
+            result = optimizer_step(model, params, optimizer, group, task, device, lr, cfg.max_grad_norm)
+        except NonFinite as e:
+            raise TrainingError(nan_message(e.what, step + 1, lr, output, last_saved)) from None
+        step_loss = result.loss
+        tokens += result.tokens
         step += 1
         batch_pos += len(group)
-        target_tokens += count
+        target_tokens += result.targets
         if first_loss is None:
             first_loss = step_loss
         last_loss = step_loss
@@ -247,11 +268,30 @@ def train(
     if eval_examples:
         eval_result = evaluate(model, eval_examples, task, pad_id, cfg.batch_size, device)
     return TrainSummary(
-        output=str(output), state=str(state_file), sha256=digest, task=task, steps=step,
-        start_step=start_step, total_steps=total_steps, epochs=round(step / epoch_steps, 4),
-        examples=num_examples, skipped_examples=prep.skipped, truncated_examples=prep.stats.truncated,
-        tokens=tokens, target_tokens=target_tokens, seconds=round(seconds, 3), first_loss=first_loss,
-        last_loss=last_loss, trainable_parameters=delta_params + head_params,
-        delta_parameters=delta_params, head_parameters=head_params, lr=cfg.lr, seed=cfg.seed,
-        device=str(device), dtype=cfg.dtype, label_names=label_names, eval=eval_result, losses=losses,
+        output=str(output),
+        state=str(state_file),
+        sha256=digest,
+        task=task,
+        steps=step,
+        start_step=start_step,
+        total_steps=total_steps,
+        epochs=round(step / epoch_steps, 4),
+        examples=num_examples,
+        skipped_examples=prep.skipped,
+        truncated_examples=prep.stats.truncated,
+        tokens=tokens,
+        target_tokens=target_tokens,
+        seconds=round(seconds, 3),
+        first_loss=first_loss,
+        last_loss=last_loss,
+        trainable_parameters=delta_params + head_params,
+        delta_parameters=delta_params,
+        head_parameters=head_params,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        device=str(device),
+        dtype=cfg.dtype,
+        label_names=label_names,
+        eval=eval_result,
+        losses=losses,
     )

@@ -21,14 +21,17 @@ def check_resume(meta: dict, settings: dict, index_digest: str, data_sha: str, t
                   state_file: Path, cfg: TrainConfig) -> None:
     label = state_file.name
     if meta["index_sha256"] != index_digest:
-        raise TrainingError(f"{label}: trained with another index (sha256 {meta['index_sha256'][:12]}...), not {cfg.index}")
+        raise TrainingError(
+            f"{label}: trained with another index (sha256 {meta['index_sha256'][:12]}...), not {cfg.index}"
+        )
     if meta["data_sha256"] != data_sha:
         raise TrainingError(f"{label}: trained on other data (sha256 {meta['data_sha256'][:12]}...), not {cfg.data}")
     saved = meta["settings"]
     for key in TRAJECTORY:
         if saved.get(key) != settings.get(key):
             raise TrainingError(
-                f"{label}: cannot resume with {key} = {settings.get(key)!r}; the state was trained with {saved.get(key)!r}"
+                f"{label}: cannot resume with {key} = {settings.get(key)!r}; the state was trained with "
+                    f"{saved.get(key)!r}"
             )
     if meta["step"] >= total_steps:
         raise TrainingError(
@@ -41,7 +44,7 @@ def restore_state(state: TrainState, named, optimizer, device, state_file: Path)
     label = state_file.name
     t = state.tensors
     names = {n for n, _ in named}
-    saved = {k[len("param."):] for k in t if k.startswith("param.")}
+    saved = {k[len("param.") :] for k in t if k.startswith("param.")}
     if saved != names:
         extra = sorted(saved ^ names)[0]
         raise TrainingError(f"{label}: trainable parameter {extra!r} is in only one of the state and the model")
@@ -49,7 +52,9 @@ def restore_state(state: TrainState, named, optimizer, device, state_file: Path)
         for n, p in named:
             value = t[f"param.{n}"]
             if tuple(value.shape) != tuple(p.shape) or value.dtype != torch.float32:
-                raise TrainingError(f"{label}: param.{n} has shape {list(value.shape)} {value.dtype}, expected {list(p.shape)} fp32")
+                raise TrainingError(
+                    f"{label}: param.{n} has shape {list(value.shape)} {value.dtype}, expected {list(p.shape)} fp32"
+                )
             if not bool(torch.isfinite(value).all()):
                 raise TrainingError(f"{label}: param.{n} is not finite")
             p.copy_(value.to(p.dtype))

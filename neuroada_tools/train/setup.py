@@ -6,7 +6,6 @@ the model is even loaded.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,21 +69,6 @@ def prepare_data(cfg: TrainConfig, task: str, model_dir: Path) -> PreparedData:
     return PreparedData(examples, eval_examples, label_field, label_names, build_stats, skipped, pad_id, tokenizer)
 
 
-def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:
-    """Optimizer steps in one pass over ``num_examples``: ``ceil(ceil(N / batch_size) / grad_accum)``."""
-    return math.ceil(math.ceil(num_examples / cfg.batch_size) / cfg.grad_accum)
-
-
-def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices (deltas, head weights) only."""
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=False,
-    )
-
-
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Activation (gradient) checkpointing, non-reentrant; ``ModelError`` if the model lacks it."""
     if not getattr(model, "supports_gradient_checkpointing", False):
@@ -98,12 +82,19 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
 def build_examples(task, records, tokenizer, cfg: TrainConfig, label_field, label_names):
     """``(examples, label names or None, BuildStats)`` for ``task``; DataError names file and line."""
     if task == "causal-lm":
-        built = build_causal_lm_examples(records, tokenizer, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
+        built = build_causal_lm_examples(
+            records, tokenizer, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt
+        )
         return list(built), None, built.stats
     if task == "classification":
         built, names = build_classification_examples(
-            records, tokenizer, max_length=cfg.max_length, label_field=label_field, text_field=cfg.text_field,
-            num_labels=cfg.num_labels if label_names is None else None, label_names=label_names,
+            records,
+            tokenizer,
+            max_length=cfg.max_length,
+            label_field=label_field,
+            text_field=cfg.text_field,
+            num_labels=cfg.num_labels if label_names is None else None,
+            label_names=label_names,
         )
         return list(built), names, built.stats
     built = build_multiple_choice_examples(records, tokenizer, max_length=cfg.max_length)

@@ -1,4 +1,7 @@
-"""One training step's parts: the loss, evaluation, the learning-rate schedule and the data order.
+"""One training step's parts: the loss, evaluation, one optimizer step, the schedule and the data order.
+
+The pieces ``train`` (``loop.py``) is made of, and that ``bench/bench_quality.py`` drives for every
+method it compares, so the benchmark measures the step that ships.
 
 The loss. Causal LM: token cross-entropy on the positions whose label is not ``-100`` (the
 prompt is masked unless ``train_on_prompt``; see ``data.py`` for the template), averaged over
@@ -26,6 +29,8 @@ seed and the epoch only, so a resumed run finds its place again from ``(epoch, m
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,23 @@ import torch
 import torch.nn.functional as F
 
 from neuroada_tools.train.data import IGNORE_INDEX, collate
+
+
+class NonFinite(Exception):
+    """The loss or the gradient norm of a step is NaN or infinite; ``what`` says which."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the {what} became NaN or infinite")
+        self.what = what
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    loss: float  # mean loss over the step's targets
+    tokens: int  # input tokens processed (padding excluded)
+    targets: int  # target tokens (causal LM) or examples the loss was averaged over
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -55,7 +77,9 @@ def compute_loss(
     if task == "causal-lm":
         logits = model(**inputs, use_cache=False).logits
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
         return loss, correct
     logits = model(**inputs).logits.float()
@@ -98,6 +122,77 @@ def evaluate(
     return out
 
 
+# ---------------------------------------------------------------- the optimizer and one step
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.999, eps 1e-8) with weight decay on the matrices only (deltas and head
+    weights), not on biases; ``foreach=False`` so CPU results do not depend on the grouping."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        foreach=False,
+    )
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    group: list[dict[str, torch.Tensor]],
+    task: str,
+    device: torch.device,
+    lr: float,
+    max_grad_norm: float,
+) -> StepResult:
+    """One optimizer step over the collated micro-batches ``group`` at learning rate ``lr``.
+
+    Forward and backward per micro-batch with the loss divided by the step's target count (the
+    mean over the whole step), gradient clipping to ``max_grad_norm`` (0: none), AdamW, gradients
+    cleared. Raises ``NonFinite("loss")`` before a backward whose loss is NaN/Inf and
+    ``NonFinite("gradient")`` before an update with a NaN/Inf gradient norm; the parameters are
+    then as before the step. Example: two micro-batches of 3 and 5 target tokens are each
+    divided by 8, so the step's gradient is that of one batch of all 8.
+    """
+    count = sum(count_targets(mb, task) for mb in group)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    step_loss, tokens = 0.0, 0
+    for mb in group:
+        loss_sum, _ = compute_loss(model, mb, task, device)
+        loss = loss_sum / count
+        if not bool(torch.isfinite(loss)):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFinite("loss")
+        loss.backward()
+        step_loss += float(loss.detach())
+        tokens += int(mb["attention_mask"].sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        params, max_grad_norm if max_grad_norm > 0 else float("inf"), foreach=False
+    )
+    if not bool(torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFinite("gradient")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss, tokens, count)
+
+
+# ---------------------------------------------------------------- schedule and data order
+
+
+def warmup_steps(total: int, warmup_ratio: float) -> int:
+    """``ceil(warmup_ratio * total)``: 100 steps at 0.06 warm up for 6."""
+    return math.ceil(warmup_ratio * total)
+
+
+def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass: ``ceil(ceil(N / batch_size) / grad_accum)``; 10, 4, 2 give 2."""
+    return math.ceil(math.ceil(examples / batch_size) / grad_accum)
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:

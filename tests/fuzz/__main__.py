@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-truncation", action="store_true", help="skip the every-offset truncation cases")
     ap.add_argument("--keep-going", action="store_true", help="count failures instead of stopping at the first")
     ap.add_argument("--replay", nargs=2, metavar=("READER", "SEED"), help="run one case and show what happens")
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, in /dev/shm if any)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: a temporary one, in /dev/shm if any)"
+    )
     args = ap.parse_args(argv)
 
     import tempfile
@@ -65,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         failures: list[str] = []
         rows = []
         with address_space_limit(args.mem_headroom) as limit:
-            print(f"address space limited to {limit / 2**30:.2f} GiB (start + {args.mem_headroom / 2**30:.2f} GiB)"
-                  if limit else "address space limit not available", flush=True)
+            print(
+                f"address space limited to {limit / 2**30:.2f} GiB (start + {args.mem_headroom / 2**30:.2f} GiB)"
+                if limit
+                else "address space limit not available",
+                flush=True,
+            )
             if not args.no_truncation:
                 t0 = time.perf_counter()
                 n = run_truncation(corpus, work, counts)
@@ -89,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                 secs = time.perf_counter() - t0
                 done = sum(rcounts.values())
                 rows.append((reader, done, secs, slowest, rcounts))
-                print(f"{reader:<11} {done:>6} cases  {done / secs:8.0f} cases/s  slowest {slowest * 1000:7.1f} ms  "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(rcounts.items(), key=lambda kv: -kv[1])), flush=True)
+                print(
+                    f"{reader:<11} {done:>6} cases  {done / secs:8.0f} cases/s  slowest {slowest * 1000:7.1f} ms  "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(rcounts.items(), key=lambda kv: -kv[1])),
+                    flush=True,
+                )
                 counts[reader].update(rcounts)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\npeak RSS {peak:.0f} MiB")
@@ -98,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---:|---|")
         for reader in READER_NAMES:
             if counts[reader]:
-                print(f"| {reader} | {sum(counts[reader].values())} | "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(counts[reader].items(), key=lambda kv: -kv[1])) + " |")
+                print(
+                    f"| {reader} | {sum(counts[reader].values())} | "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(counts[reader].items(), key=lambda kv: -kv[1]))
+                    + " |"
+                )
         if failures:
             print(f"\n{len(failures)} FAILURES (first: {failures[0].splitlines()[0]})")
             return 1

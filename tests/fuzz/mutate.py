@@ -191,7 +191,8 @@ def mutate_header_json(rng: random.Random, data: bytes) -> bytes:
             n = rng.choice(names)
             op = rng.random()
             if op < 0.4:
-                header[rng.choice(["", "dense.", "dense.x", "x" * 3000, "\u00e9", "\x00", "a.weight", n + " "])] = header.pop(n)
+                new_name = rng.choice(["", "dense.", "dense.x", "x" * 3000, "\u00e9", "\x00", "a.weight", n + " "])
+                header[new_name] = header.pop(n)
             elif op < 0.7:
                 del header[n]
             else:
@@ -388,7 +389,8 @@ def mutate_shard_map(rng: random.Random, text: bytes, shard_names: list[str], ca
     elif r < 0.72:  # a tensor listed twice (duplicate key in the text)
         n = rng.choice(names)
         body = json.dumps(doc)
-        return body.replace('"weight_map": {', '"weight_map": {' + json.dumps(n) + ": " + json.dumps(wm[n]) + ", ").encode()
+        extra = json.dumps(n) + ": " + json.dumps(wm[n]) + ", "
+        return body.replace('"weight_map": {', '"weight_map": {' + extra).encode()
     elif r < 0.8:
         doc["weight_map"] = weird_value(rng)
     elif r < 0.85:
@@ -407,7 +409,8 @@ def make_checkpoint_case(rng: random.Random, corpus: Corpus, case: Path) -> Path
     shards = sorted(n for n in files if n.endswith(".safetensors"))
     r = rng.random()
     if r < 0.4:
-        files["model.safetensors.index.json"] = mutate_shard_map(rng, files["model.safetensors.index.json"], shards, case)
+        key = "model.safetensors.index.json"
+        files[key] = mutate_shard_map(rng, files[key], shards, case)
     elif r < 0.7:
         s = rng.choice(shards)
         files[s] = mutate_safetensors(rng, files[s])

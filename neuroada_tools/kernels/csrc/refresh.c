@@ -17,6 +17,7 @@
  * Worked example (d_out = 2, d_in = 3, k = 1, fp32, rs = 3, cs = 1): w = [1, 2, 3, 4, 5, 6],
  * idx = [[2], [0]], w0 = [[3], [4]], delta = [[0.5], [-1]] -> w = [1, 2, 3.5, 3, 5, 6].
  */
+#include "neuroada.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -42,7 +43,6 @@ static inline uint16_t f32_to_bf16_bits(float f)
 #define FROM_BF16(v) bf16_bits_to_f32(v)
 
 /* sddmm.c: fn(arg, p, parts) for p < parts on torch's OpenMP team; 0 (nothing run) without one */
-int neuroada_run_on_team(void (*fn)(void *, int, int), void *arg, int parts);
 
 typedef struct {
     void *w;

@@ -23,6 +23,7 @@
  * idx = [[2], [0]] -> out = [[1 * 5], [2 * 3]] = [[5], [6]].
  */
 #include <pthread.h>
+#include "neuroada.h"
 #include <stdint.h>
 #include <string.h>
 

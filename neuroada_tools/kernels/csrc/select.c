@@ -17,6 +17,7 @@
  * Worked example (k = 2, keys [5, 9, 9, 1]): t = 9, nothing is larger, need = 2 -> columns
  * [1, 2]. With k = 1: t = 9, need = 1 -> column [1] (the lower of the tied pair).
  */
+#include "neuroada.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -146,4 +147,4 @@ DEFINE_KEEP(uint32_t, int32_t)
 DEFINE_SELECT(neuroada_select_u16, uint16_t, 15)
 DEFINE_SELECT(neuroada_select_u32, uint32_t, 31)
 
-int neuroada_abi_version(void) { return 8; } /* bump with any signature change */
+int neuroada_abi_version(void) { return NEUROADA_ABI; } /* neuroada.h: bump with any signature change */

@@ -53,6 +53,7 @@ refresh), ``model.py`` (attach / detach / merge_in_place / set_mode, the delta s
 (``train/loop.py``), the streaming on-disk merge (``export/merge.py``).
 """
 
+from neuroada_tools.kernels.sddmm import sddmm
 from neuroada_tools.train.bypass.config import DELTA_ATTR, MODES
 from neuroada_tools.train.bypass.model import (
     attach,
@@ -64,7 +65,6 @@ from neuroada_tools.train.bypass.model import (
     set_mode,
     trainable_parameters,
 )
-from neuroada_tools.train.bypass.ops import sddmm
 
 __all__ = [
     "DELTA_ATTR", "MODES", "attach", "count_trainable", "deltas", "detach", "make_delta_sidecar", "merge_in_place",

@@ -15,7 +15,6 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 MODES = ("fused", "reference")
 DELTA_ATTR = "neuroada_delta"
 ROOT_STATE = "_neuroada_attach_state"
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled SDDMM and refresh take
 
 
 def adaptable(module: nn.Module) -> bool:

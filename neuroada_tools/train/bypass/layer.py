@@ -12,9 +12,10 @@ from torch import nn
 
 from neuroada_tools.errors import ModelError
 from neuroada_tools.kernels import native
+from neuroada_tools.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.neuroada.*)
+from neuroada_tools.kernels.refresh import native_call, reference_refresh_
 from neuroada_tools.train.bypass.config import (
     DELTA_ATTR,
-    NATIVE_DTYPES,
     keep_fp32,
 )
 from neuroada_tools.train.bypass.ops import _FusedBypass
@@ -85,6 +86,10 @@ class _BypassMixin:
         table)."""
         bufs = self._buffers
         w0, idx, delta, w = bufs["neuroada_w0"], bufs["neuroada_idx"], self._parameters[DELTA_ATTR], self.weight
+        if torch.compiler.is_compiling():  # traced: the registered op, no Python-side skip record
+            torch.ops.neuroada.refresh_(self._neuroada_logical(w), idx, w0, delta)
+            _set_attr(self, "_neuroada_dirty", True)
+            return
         # Every Python operation here costs microseconds right after a large matmul (cold caches),
         # so the common case (nothing changed) is a handful of them: one record, one C compare.
         rec = self._neuroada_written
@@ -109,28 +114,18 @@ class _BypassMixin:
         fp32_delta = delta.dtype == torch.float32 and delta.is_contiguous()
         if kept is None and cpu_lib is not None and fp32_delta:
             kept = delta.detach().clone()
-        native_ok = (
-            w0.dtype in NATIVE_DTYPES and w.dtype == w0.dtype and fp32_delta and w0.is_contiguous() and idx.is_contiguous()
-        )
-        lib = cpu_lib if native_ok else None
         parts = 1
-        if lib is not None:
-            if native.openmp_bound():
-                parts = max(1, min(torch.get_num_threads(), idx.numel() // _REFRESH_ENTRIES_PER_PART, 64))
-            elif idx.numel() > _NATIVE_REFRESH_MAX:
-                lib = None  # one core's misses against torch's threads: torch wins here
-        write = None
-        if lib is not None:
-            logical = self._neuroada_logical(w)
-            fn = lib.neuroada_refresh_f32 if w.dtype == torch.float32 else lib.neuroada_refresh_bf16
-            write = (fn, (logical.data_ptr(), logical.stride(0), logical.stride(1), idx.data_ptr(),
-                          w0.data_ptr(), delta.data_ptr(), idx.shape[0], idx.shape[1], parts))
+        if cpu_lib is not None and native.openmp_bound():
+            parts = max(1, min(torch.get_num_threads(), idx.numel() // _REFRESH_ENTRIES_PER_PART, 64))
+        logical = self._neuroada_logical(w)
+        write = native_call(cpu_lib, logical, idx, w0, delta, parts) if cpu_lib is not None else None
+        if write is not None and parts == 1 and not native.openmp_bound() and idx.numel() > _NATIVE_REFRESH_MAX:
+            write = None  # one core's misses against torch's threads: torch wins here
+        if write is not None:
             write[0](*write[1])
             torch.autograd.graph.increment_version(w)  # as torch's own in-place write would
         else:
-            acc = torch.promote_types(w0.dtype, torch.float32)
-            with torch.no_grad():
-                self._neuroada_write((w0.to(acc) + delta.detach().to(acc)).to(w0.dtype))
+            reference_refresh_(logical, idx, w0, delta)
         _set_attr(self, "_neuroada_dirty", True)
         if kept is not None and cpu_lib is not None:
             _set_attr(self, "_neuroada_written",

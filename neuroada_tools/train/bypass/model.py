@@ -175,7 +175,8 @@ def _remove(module: nn.Module, *, keep_merged: bool) -> None:
     for b in ("neuroada_idx", "neuroada_crow", "neuroada_w0"):
         del module._buffers[b]
     base_cls = module._neuroada_base_cls
-    for a in ("neuroada_name", "neuroada_mode", "neuroada_layout", "_neuroada_dirty", "_neuroada_written", "_neuroada_base_cls"):
+    attrs = ("neuroada_name", "neuroada_mode", "neuroada_layout", "_neuroada_dirty", "_neuroada_written")
+    for a in (*attrs, "_neuroada_base_cls"):
         module.__dict__.pop(a, None)
     module.__class__ = base_cls
 

@@ -91,7 +91,6 @@ not fit in memory, and left padding (generation batches pad on the left; trainin
 to).
 """
 
-
 from neuroada_tools.train.data.choices import build_multiple_choice_examples, parse_arc_choices
 from neuroada_tools.train.data.collate import collate
 from neuroada_tools.train.data.examples import IGNORE_INDEX, BuildStats, Examples, build_causal_lm_examples
