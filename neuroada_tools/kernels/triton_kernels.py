@@ -37,11 +37,11 @@ __all__ = [
     "ColumnPlan", "TritonUnavailable", "available", "column_plan", "sddmm", "sparse_mm", "sparse_mm_t",
 ]
 
-# Default tiles. sddmm: BLOCK_N selected entries x BLOCK_T tokens per step; sparse_mm: a
+# Default tiles. sddmm: BLOCK_N selected entries, UNROLL tokens per unrolled step; sparse_mm: a
 # [BLOCK_T, BLOCK_R] tile of y; sparse_mm_t: a [BLOCK_T, BLOCK_C] tile of gx. Chosen (untimed, no GPU
 # at hand yet) to keep registers per thread at or under ~128 on sm_90 (ptxas: sddmm 40, sparse_mm
 # 114, sparse_mm_t 58; no spills), so enough warps stay resident to hide the gathers' latency.
-SDDMM_BLOCKS = {"BLOCK_T": 32, "BLOCK_N": 128}
+SDDMM_BLOCKS = {"BLOCK_N": 128, "UNROLL": 8}
 SPARSE_MM_BLOCKS = {"BLOCK_T": 32, "BLOCK_R": 64}
 SPARSE_MM_T_BLOCKS = {"BLOCK_T": 64}
 COLUMN_BLOCK = 32  # BLOCK_C of sparse_mm_t; fixed in the plan (its per-block loop counts depend on it)
@@ -136,17 +136,16 @@ def _same_device(*tensors: torch.Tensor) -> torch.device:
     return dev
 
 
-def _sddmm_splits(device: torch.device, blocks: int, T: int, block_t: int) -> int:
-    """How many token splits keep a GPU busy: about 4 programs per SM, each with >= 4 token tiles."""
+def _sddmm_splits(device: torch.device, blocks: int, T: int) -> int:
+    """How many token splits keep a GPU busy: about 4 programs per SM, each with >= 256 tokens."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = _cdiv(4 * sms, blocks)
-    return max(1, min(want, T // (4 * block_t)))
+    return max(1, min(_cdiv(4 * sms, blocks), T // 256))
 
 
 def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, *, splits: int | None = None,
-          BLOCK_T: int | None = None, BLOCK_N: int | None = None) -> torch.Tensor:
+          BLOCK_N: int | None = None, UNROLL: int | None = None) -> torch.Tensor:
     """``out[i, j] = sum_t g[t, i] * x[t, idx[i, j]]`` (``reference.sddmm``), ``[d_out, k]`` fp32.
 
     ``splits`` cuts the tokens into that many ranges run by separate programs (default: 1 on CPU,
@@ -162,17 +161,16 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, *, splits: int | 
     if T == 0 or nnz == 0:
         return torch.zeros((d_out, k), dtype=torch.float32, device=dev)
     kern = _kernels(dev)["sddmm_kernel"]
-    bt, bn = BLOCK_T or SDDMM_BLOCKS["BLOCK_T"], BLOCK_N or SDDMM_BLOCKS["BLOCK_N"]
+    bn, unroll = BLOCK_N or SDDMM_BLOCKS["BLOCK_N"], UNROLL or SDDMM_BLOCKS["UNROLL"]
     n_blocks = _cdiv(nnz, bn)
-    n_split = splits if splits is not None else _sddmm_splits(dev, n_blocks, T, bt)
-    n_split = max(1, min(int(n_split), _cdiv(T, bt)))
-    t_per_split = _cdiv(_cdiv(T, n_split), bt) * bt
+    n_split = max(1, min(int(splits if splits is not None else _sddmm_splits(dev, n_blocks, T)), T))
+    t_per_split = _cdiv(T, n_split)
     n_split = _cdiv(T, t_per_split)
     out = torch.empty((n_split, nnz), dtype=torch.float32, device=dev)
     kern[(n_blocks, n_split)](
-        g, x, idx, out, T, k, nnz, t_per_split,
+        g, x, idx, out, k, nnz, t_per_split, T,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), idx.stride(0), idx.stride(1), out.stride(0),
-        BLOCK_T=bt, BLOCK_N=bn, **_LAUNCH["sddmm_kernel"],
+        BLOCK_N=bn, UNROLL=unroll, **_LAUNCH["sddmm_kernel"],
     )
     out = out[0] if n_split == 1 else out.sum(0)
     return out.view(d_out, k)

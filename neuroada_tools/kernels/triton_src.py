@@ -15,6 +15,12 @@ Shared rules:
   programs running at the same time work on the same tokens and the token tile they gather from
   (``x`` or ``g``, a few hundred KB) stays in L2 while they share it.
 
+- Only builtins of ``triton.language`` (``tl.full``, not ``tl.zeros``; no ``tl.sum``): those that
+  triton implements as ``@triton.jit`` functions are jitted when triton is imported, so they break
+  the interpreter in a process that imported triton before ``TRITON_INTERPRET=1`` was set (importing
+  transformers imports torch._dynamo, which imports triton). With builtins only, the mode is
+  decided when these kernels are jitted, on first launch.
+
 The annotations are real ``tl.constexpr`` objects (no ``from __future__ import annotations``): the
 block sizes must be compile-time constants.
 """
@@ -24,19 +30,23 @@ import triton.language as tl
 
 def sddmm_kernel(
     g_ptr, x_ptr, idx_ptr, out_ptr,
-    T, k, nnz, t_per_split,
+    k, nnz, t_per_split, T,
     stride_gt, stride_gi, stride_xt, stride_xc, stride_ir, stride_ij, stride_os,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """``out[s, e] = sum_{t in split s} g[t, row(e)] * x[t, idx.flat[e]]`` over a block of entries.
 
     The ``d_out * k`` selected entries are numbered row-major (``e = i * k + j``) and cut into blocks
     of ``BLOCK_N``; one program owns one block for one split of the tokens (axis 1; one split unless
-    the wrapper splits T for parallelism, and then it sums the ``[splits, nnz]`` partials). It walks
-    its tokens ``BLOCK_T`` at a time: a ``[BLOCK_T, BLOCK_N]`` gather from ``g`` (the ``k`` entries of
-    a row share one address) and one from ``x`` (the selected columns), multiplied and summed over
-    the token axis into an fp32 accumulator of ``BLOCK_N``. Any k costs no padding: a block may
-    start and end mid-row.
+    the wrapper splits T for parallelism, and then it sums the ``[splits, nnz]`` partials). Any k
+    costs no padding: a block may start and end mid-row.
+
+    The program walks its tokens in order, ``UNROLL`` at a time (unrolled, so that many gathers are
+    in flight per thread; then the remainder one by one): for each token it gathers ``g[t, row(e)]`` (the ``k`` entries of a row
+    share one address) and ``x[t, col(e)]`` and adds their product to its fp32 accumulator. No
+    reduction across threads: each entry is summed by one thread in token order. The programs
+    resident at one time sweep the tokens at about the same pace, so the rows of ``x`` and ``g``
+    they gather from are shared in L2.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -45,18 +55,26 @@ def sddmm_kernel(
     row = e // k
     j = e - row * k
     col = tl.load(idx_ptr + row * stride_ir + j * stride_ij, mask=emask, other=0)
-    g_cols = row.to(tl.int64) * stride_gi
-    x_cols = col.to(tl.int64) * stride_xc
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_start = pid_s * t_per_split
-    t_end = tl.minimum(T, t_start + t_per_split)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        m = (t < t_end)[:, None] & emask[None, :]
-        t64 = t.to(tl.int64)
-        gv = tl.load(g_ptr + (t64 * stride_gt)[:, None] + g_cols[None, :], mask=m, other=0.0)
-        xv = tl.load(x_ptr + (t64 * stride_xt)[:, None] + x_cols[None, :], mask=m, other=0.0)
-        acc += tl.sum(gv.to(tl.float32) * xv.to(tl.float32), axis=0)
+    n_t = tl.minimum(T - t_start, t_per_split)
+    t0_64 = t_start.to(tl.int64)
+    g_p = g_ptr + t0_64 * stride_gt + row.to(tl.int64) * stride_gi
+    x_p = x_ptr + t0_64 * stride_xt + col.to(tl.int64) * stride_xc
+    acc = tl.full([BLOCK_N], 0.0, tl.float32)
+    n_unrolled = (n_t // UNROLL) * UNROLL
+    for _t0 in range(0, n_unrolled, UNROLL):
+        for _u in tl.static_range(UNROLL):
+            gv = tl.load(g_p, mask=emask, other=0.0)
+            xv = tl.load(x_p, mask=emask, other=0.0)
+            acc += gv.to(tl.float32) * xv.to(tl.float32)
+            g_p += stride_gt
+            x_p += stride_xt
+    for _t in range(n_unrolled, n_t):  # the last n_t % UNROLL tokens
+        gv = tl.load(g_p, mask=emask, other=0.0)
+        xv = tl.load(x_p, mask=emask, other=0.0)
+        acc += gv.to(tl.float32) * xv.to(tl.float32)
+        g_p += stride_gt
+        x_p += stride_xt
     tl.store(out_ptr + pid_s * stride_os + e, acc, mask=emask)
 
 
@@ -81,7 +99,7 @@ def sparse_mm_kernel(
     m = (t < T)[:, None] & rmask[None, :]
     t64 = t.to(tl.int64)
     x_rows = x_ptr + (t64 * stride_xt)[:, None]
-    acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    acc = tl.full([BLOCK_T, BLOCK_R], 0.0, tl.float32)
     for j in range(0, k):
         col = tl.load(idx_ptr + r * stride_ir + j * stride_ij, mask=rmask, other=0)
         v = tl.load(vals_ptr + r * stride_vr + j * stride_vj, mask=rmask, other=0.0).to(tl.float32)
@@ -119,7 +137,7 @@ def sparse_mm_t_kernel(
     n = tl.load(blockmax_ptr + pid_c)
     t64 = t.to(tl.int64)
     g_rows = g_ptr + (t64 * stride_gt)[:, None]
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    acc = tl.full([BLOCK_T, BLOCK_C], 0.0, tl.float32)
     for m in range(0, n):
         live = m < count
         e = tl.load(entry_ptr + start + m, mask=live, other=0)
