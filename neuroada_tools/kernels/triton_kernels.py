@@ -14,7 +14,7 @@ Anything else raises ``TritonUnavailable``; nothing here falls back to torch sil
 this module does not import triton: ``available()`` says whether it can be imported, and the first
 launch imports it.
 
-Determinism: no atomics. ``sddmm`` with more than one token split sums fixed ``[splits, nnz]``
+Determinism: no atomics. ``sddmm`` with more than one token split sums fixed ``[splits, d_out, k]``
 partials in a fixed order; ``sparse_mm_t`` sums each column in one program. Same inputs, same bits.
 
 What this file leaves out: the torch.library op registration and the backend choice
@@ -25,6 +25,7 @@ overridable per call).
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from typing import Any, NamedTuple
 
@@ -37,11 +38,11 @@ __all__ = [
     "ColumnPlan", "TritonUnavailable", "available", "column_plan", "sddmm", "sparse_mm", "sparse_mm_t",
 ]
 
-# Default tiles. sddmm: BLOCK_N selected entries, UNROLL tokens per unrolled step; sparse_mm: a
+# Default tiles. sddmm: BLOCK_R rows at one slot, UNROLL tokens per unrolled step; sparse_mm: a
 # [BLOCK_T, BLOCK_R] tile of y; sparse_mm_t: a [BLOCK_T, BLOCK_C] tile of gx. Chosen (untimed, no GPU
-# at hand yet) to keep registers per thread at or under ~128 on sm_90 (ptxas: sddmm 40, sparse_mm
+# at hand yet) to keep registers per thread at or under ~128 on sm_90 (ptxas: sddmm 32, sparse_mm
 # 114, sparse_mm_t 58; no spills), so enough warps stay resident to hide the gathers' latency.
-SDDMM_BLOCKS = {"BLOCK_N": 128, "UNROLL": 8}
+SDDMM_BLOCKS = {"BLOCK_R": 128, "UNROLL": 8}
 SPARSE_MM_BLOCKS = {"BLOCK_T": 32, "BLOCK_R": 64}
 SPARSE_MM_T_BLOCKS = {"BLOCK_T": 64}
 COLUMN_BLOCK = 32  # BLOCK_C of sparse_mm_t; fixed in the plan (its per-block loop counts depend on it)
@@ -83,8 +84,6 @@ def interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -136,16 +135,16 @@ def _same_device(*tensors: torch.Tensor) -> torch.device:
     return dev
 
 
-def _sddmm_splits(device: torch.device, blocks: int, T: int) -> int:
-    """How many token splits keep a GPU busy: about 4 programs per SM, each with >= 256 tokens."""
+def _sddmm_splits(device: torch.device, programs: int, T: int) -> int:
+    """How many token splits keep a GPU busy: about 8 programs per SM, each with >= 256 tokens."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_cdiv(4 * sms, blocks), T // 256))
+    return max(1, min(_cdiv(8 * sms, programs), T // 256, 65535))
 
 
 def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, *, splits: int | None = None,
-          BLOCK_N: int | None = None, UNROLL: int | None = None) -> torch.Tensor:
+          BLOCK_R: int | None = None, UNROLL: int | None = None) -> torch.Tensor:
     """``out[i, j] = sum_t g[t, i] * x[t, idx[i, j]]`` (``reference.sddmm``), ``[d_out, k]`` fp32.
 
     ``splits`` cuts the tokens into that many ranges run by separate programs (default: 1 on CPU,
@@ -157,23 +156,24 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, *, splits: int | 
     if x.shape[0] != g.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens, g has {g.shape[0]}")
     dev = _same_device(g, x, idx)
-    T, nnz = int(g.shape[0]), d_out * k
-    if T == 0 or nnz == 0:
+    T = int(g.shape[0])
+    if T == 0 or d_out == 0 or k == 0:
         return torch.zeros((d_out, k), dtype=torch.float32, device=dev)
     kern = _kernels(dev)["sddmm_kernel"]
-    bn, unroll = BLOCK_N or SDDMM_BLOCKS["BLOCK_N"], UNROLL or SDDMM_BLOCKS["UNROLL"]
-    n_blocks = _cdiv(nnz, bn)
-    n_split = max(1, min(int(splits if splits is not None else _sddmm_splits(dev, n_blocks, T)), T))
+    br, unroll = BLOCK_R or SDDMM_BLOCKS["BLOCK_R"], UNROLL or SDDMM_BLOCKS["UNROLL"]
+    n_blocks = _cdiv(d_out, br)
+    if n_blocks > 65535:
+        raise ValueError(f"d_out {d_out} needs more than 65535 row blocks of {br}")
+    n_split = max(1, min(int(splits if splits is not None else _sddmm_splits(dev, n_blocks * k, T)), T, 65535))
     t_per_split = _cdiv(T, n_split)
     n_split = _cdiv(T, t_per_split)
-    out = torch.empty((n_split, nnz), dtype=torch.float32, device=dev)
-    kern[(n_blocks, n_split)](
-        g, x, idx, out, k, nnz, t_per_split, T,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), idx.stride(0), idx.stride(1), out.stride(0),
-        BLOCK_N=bn, UNROLL=unroll, **_LAUNCH["sddmm_kernel"],
+    out = torch.empty((n_split, d_out, k), dtype=torch.float32, device=dev)
+    kern[(n_blocks, k, n_split)](
+        g, x, idx, out, d_out, t_per_split, T,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1),
+        BLOCK_R=br, UNROLL=unroll, **_LAUNCH["sddmm_kernel"],
     )
-    out = out[0] if n_split == 1 else out.sum(0)
-    return out.view(d_out, k)
+    return out[0] if n_split == 1 else out.sum(0)
 
 
 def sparse_mm(x: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, *,

@@ -30,52 +30,53 @@ import triton.language as tl
 
 def sddmm_kernel(
     g_ptr, x_ptr, idx_ptr, out_ptr,
-    k, nnz, t_per_split, T,
-    stride_gt, stride_gi, stride_xt, stride_xc, stride_ir, stride_ij, stride_os,
-    BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    d_out, t_per_split, T,
+    stride_gt, stride_gi, stride_xt, stride_xc, stride_ir, stride_ij, stride_os, stride_or,
+    BLOCK_R: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """``out[s, e] = sum_{t in split s} g[t, row(e)] * x[t, idx.flat[e]]`` over a block of entries.
+    """``out[s, i, j] = sum_{t in split s} g[t, i] * x[t, idx[i, j]]`` for a block of rows, one slot ``j``.
 
-    The ``d_out * k`` selected entries are numbered row-major (``e = i * k + j``) and cut into blocks
-    of ``BLOCK_N``; one program owns one block for one split of the tokens (axis 1; one split unless
-    the wrapper splits T for parallelism, and then it sums the ``[splits, nnz]`` partials). Any k
-    costs no padding: a block may start and end mid-row.
+    Grid: axis 0 the blocks of ``BLOCK_R`` rows, axis 1 the slot ``j < k``, axis 2 the token split
+    (one split unless the wrapper splits T for parallelism, and then it sums the partials). One
+    program owns the entries ``(i, j)`` of its rows at its slot, one per lane, and walks its tokens
+    in order, ``UNROLL`` at a time (unrolled, so that many loads are in flight per thread; then the
+    remainder one by one): per token it loads ``g[t, rows]`` (contiguous) and gathers
+    ``x[t, idx[rows, j]]``, and adds their product to an fp32 accumulator. No reduction across
+    threads: each entry is summed by one thread in token order.
 
-    The program walks its tokens in order, ``UNROLL`` at a time (unrolled, so that many gathers are
-    in flight per thread; then the remainder one by one): for each token it gathers ``g[t, row(e)]`` (the ``k`` entries of a row
-    share one address) and ``x[t, col(e)]`` and adds their product to its fp32 accumulator. No
-    reduction across threads: each entry is summed by one thread in token order. The programs
-    resident at one time sweep the tokens at about the same pace, so the rows of ``x`` and ``g``
-    they gather from are shared in L2.
+    Why slots on the grid, rows on the lanes: the ``j``-th selected column of neighbouring rows
+    lies in a narrow window of ``x``'s row (columns are ascending in each row), so a warp's
+    gather touches a few cache lines, where the ``k`` slots of one row would span the whole row.
+    The programs resident at one time sweep the tokens at about the same pace, so the rows of
+    ``x`` and ``g`` they read are shared in L1/L2 rather than fetched once per selected entry.
     """
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    e = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    emask = e < nnz
-    row = e // k
-    j = e - row * k
-    col = tl.load(idx_ptr + row * stride_ir + j * stride_ij, mask=emask, other=0)
+    pid_r = tl.program_id(0)
+    j = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < d_out
+    col = tl.load(idx_ptr + r * stride_ir + j * stride_ij, mask=rmask, other=0)
     t_start = pid_s * t_per_split
     n_t = tl.minimum(T - t_start, t_per_split)
     t0_64 = t_start.to(tl.int64)
-    g_p = g_ptr + t0_64 * stride_gt + row.to(tl.int64) * stride_gi
+    g_p = g_ptr + t0_64 * stride_gt + r.to(tl.int64) * stride_gi
     x_p = x_ptr + t0_64 * stride_xt + col.to(tl.int64) * stride_xc
-    acc = tl.full([BLOCK_N], 0.0, tl.float32)
+    acc = tl.full([BLOCK_R], 0.0, tl.float32)
     n_unrolled = (n_t // UNROLL) * UNROLL
     for _t0 in range(0, n_unrolled, UNROLL):
         for _u in tl.static_range(UNROLL):
-            gv = tl.load(g_p, mask=emask, other=0.0)
-            xv = tl.load(x_p, mask=emask, other=0.0)
+            gv = tl.load(g_p, mask=rmask, other=0.0)
+            xv = tl.load(x_p, mask=rmask, other=0.0)
             acc += gv.to(tl.float32) * xv.to(tl.float32)
             g_p += stride_gt
             x_p += stride_xt
     for _t in range(n_unrolled, n_t):  # the last n_t % UNROLL tokens
-        gv = tl.load(g_p, mask=emask, other=0.0)
-        xv = tl.load(x_p, mask=emask, other=0.0)
+        gv = tl.load(g_p, mask=rmask, other=0.0)
+        xv = tl.load(x_p, mask=rmask, other=0.0)
         acc += gv.to(tl.float32) * xv.to(tl.float32)
         g_p += stride_gt
         x_p += stride_xt
-    tl.store(out_ptr + pid_s * stride_os + e, acc, mask=emask)
+    tl.store(out_ptr + pid_s * stride_os + r * stride_or + j, acc, mask=rmask)
 
 
 def sparse_mm_kernel(
@@ -125,6 +126,13 @@ def sparse_mm_t_kernel(
     of every column (masked where a column has fewer), gathers ``g[tokens, row]`` and adds
     ``g * vals`` into an fp32 accumulator. Each column is summed by one program in a fixed order,
     so the result is deterministic. A column that no row selects stores zeros.
+
+    The lanes of a warp hold neighbouring columns, whose ``m``-th entries sit in neighbouring rows
+    (rows ascend within a column), so the gathers from ``g`` touch a few cache lines per token.
+    Cost follows the longest column of a block: a column that most rows select (an outlier input
+    feature) makes its block loop ``d_out`` times while the others finish early. That costs time,
+    never correctness; sorting the columns by count would even it out, at the price of scattered
+    stores.
     """
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
