@@ -14,7 +14,9 @@ Shared rules:
 - Grid axis 0 is the fastest-varying one; the kernels put the non-token axis there, so the
   programs running at the same time work on the same tokens and the token tile they gather from
   (``x`` or ``g``, a few hundred KB) stays in L2 while they share it.
-
+- The lanes of a warp hold neighbouring rows (or columns, in ``sparse_mm_t``) at one slot. Each
+  row's columns ascend, so the ``j``-th columns of neighbouring rows lie in a narrow window: a
+  warp's gather touches a few cache lines, not one per lane.
 - Only builtins of ``triton.language`` (``tl.full``, not ``tl.zeros``; no ``tl.sum``): those that
   triton implements as ``@triton.jit`` functions are jitted when triton is imported, so they break
   the interpreter in a process that imported triton before ``TRITON_INTERPRET=1`` was set (importing
@@ -90,7 +92,8 @@ def sparse_mm_kernel(
     Axis 0 walks the row blocks, axis 1 the token blocks. The program loops over the ``k`` selected
     columns: for each ``j`` it loads ``idx[rows, j]`` and ``vals[rows, j]`` (``BLOCK_R`` each) and
     gathers ``x[tokens, idx[rows, j]]``, a ``[BLOCK_T, BLOCK_R]`` tile, into an fp32 accumulator.
-    The tile is stored once, rounded to ``y``'s dtype.
+    The tile is stored once, rounded to ``y``'s dtype. Each token's row of ``x`` is gathered
+    ``d_out * k`` times in all, by the programs of all row blocks, from L1/L2.
     """
     pid_r = tl.program_id(0)
     pid_t = tl.program_id(1)
