@@ -326,6 +326,23 @@ def test_kernels_compile_for_sm90(name, token):
     assert compiled.asm["cubin"]
 
 
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the interpreter tests cover CPU)")
+@pytest.mark.parametrize("T,d_out,d_in,k,dtype", CASES)
+def test_kernels_compiled_on_cuda(T, d_out, d_in, k, dtype, monkeypatch):
+    """On a GPU machine: the compiled kernels, same shapes and tolerances as the interpreter tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    dev = torch.device("cuda")
+    idx, vals = _idx(d_out, d_in, k).to(dev), _randn(d_out, k, seed=3).to(dev)
+    g, x = _randn(T, d_out, dtype=dtype).to(dev), _randn(T, d_in, dtype=dtype, seed=2).to(dev)
+    torch.testing.assert_close(triton_kernels.sddmm(g, x, idx), reference.sddmm(g, x, idx), **FP32_SUMS)
+    torch.testing.assert_close(triton_kernels.sddmm(g, x, idx, splits=3), reference.sddmm(g, x, idx), **FP32_SUMS)
+    torch.testing.assert_close(triton_kernels.sparse_mm(x, idx, vals), reference.sparse_mm(x, idx, vals), **TOL[dtype])
+    torch.testing.assert_close(triton_kernels.sparse_mm_t(g, idx, vals, d_in),
+                               reference.sparse_mm_t(g, idx, vals, d_in), **TOL[dtype])
+    assert not any(type(f).__name__ == "InterpretedFunction" for f in triton_kernels._jitted[False].values())
+
 # ---- SparseLinearAdd: the sharding-safe bypass term ---------------------------------------------
 
 
