@@ -2,6 +2,9 @@
 # Create ./.venv (if missing) and install neuroada-tools with its test and demo extras.
 # torch is pinned to 2.13.0, the CPU build that lies on this project's machines' disk; a bare
 # `torch` requirement would pull a multi-GB CUDA build. Users installing from PyPI get any torch 2.x.
+# triton (the GPU kernels; CPU-only machines run them in its interpreter, TRITON_INTERPRET=1, which is
+# how the tests check them) is pinned to the release the kernels are tested with; its wheel also
+# ships the ptxas that tests/test_triton.py compiles them for sm_90 with, no GPU needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,5 +13,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check "triton==3.9.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,demo]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, transformers, onnxruntime, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__)"
+.venv/bin/python -c "import torch, transformers, onnxruntime, triton, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
