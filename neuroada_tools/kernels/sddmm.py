@@ -1,9 +1,10 @@
 """SDDMM, the delta gradient of the bypass: ``out[i, j] = sum_t g[t, i] * x[t, idx[i, j]]``.
 
-Backends: the compiled CPU kernel (``csrc/sddmm.c``), ``torch.sparse.sampled_addmm`` and a
-per-column gather (both pure torch, any device). ``kernels/ops.py`` registers ``sddmm`` as the
-torch op ``neuroada::sddmm``; ``reference_sddmm`` is the obviously-correct definition tests compare
-against."""
+Backends (``NEUROADA_KERNELS``, ``kernels/backend.py``): the Triton kernel
+(``kernels/triton_kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``), the compiled CPU kernel
+(``csrc/sddmm.c``), and the pure torch path: ``torch.sparse.sampled_addmm`` or a per-column gather.
+``kernels/ops.py`` registers ``sddmm`` as the torch op ``neuroada::sddmm``; ``reference_sddmm`` is
+the obviously-correct definition tests compare against."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import warnings
 
 import torch
 
-from neuroada_tools.kernels import native
+from neuroada_tools.kernels import backend as backends
+from neuroada_tools.kernels import native, triton_kernels
 
 # SDDMM kernel: "auto" (on CPU with fp32/bf16 inputs the compiled kernel when it is available;
 # otherwise "columns" for k <= _COLUMNS_MAX_K or where sampled_addmm raised, else "sampled_addmm"),
@@ -41,7 +43,8 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     Example: ``g = [[1, 2]]``, ``x = [[3, 4, 5]]``, ``idx = [[2], [0]]`` gives ``[[1 * 5], [2 * 3]]
     = [[5], [6]]``.
 
-    Three kernels (``SDDMM_BACKEND``; ``"auto"`` picks):
+    ``NEUROADA_KERNELS`` first (``kernels/backend.py``): ``triton`` runs the Triton kernel; ``torch``
+    only the last two below. Then three kernels (``SDDMM_BACKEND``; ``"auto"`` picks):
 
     - ``"native"`` (CPU, fp32 or bf16 inputs, where the compiled kernel is available):
       ``kernels/csrc/sddmm.c``, tokens split over ``torch.get_num_threads()`` threads of torch's OpenMP
@@ -60,14 +63,17 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, crow: torch.Tenso
     d_out, k = idx.shape
     T, d_in = x.shape
     device_type = g.device.type
-    backend = SDDMM_BACKEND
+    chosen = backends.choose(g.device)  # NEUROADA_KERNELS; an explicit "triton" never falls back
+    if chosen == "triton" and T > 0:
+        return triton_kernels.sddmm(g, x, idx)
+    backend = SDDMM_BACKEND if chosen == "native" or SDDMM_BACKEND != "auto" else "torch-auto"
     if backend in ("auto", "native") and device_type == "cpu" and g.dtype == x.dtype and x.dtype in NATIVE_DTYPES:
         lib = native.kernel()
         if lib is not None and T > 0:
             return _sddmm_native(lib, g, x, idx)
     if backend == "native":
         raise RuntimeError("SDDMM_BACKEND='native' but the kernel is unavailable for these inputs")
-    if backend == "auto":
+    if backend in ("auto", "torch-auto"):
         backend = "columns" if k <= _COLUMNS_MAX_K or device_type in _SDDMM_UNSUPPORTED else "sampled_addmm"
     if backend == "columns" or T == 0:
         return _sddmm_columns(g, x, idx)
