@@ -43,7 +43,7 @@ SUMMARY_FIELDS = {
     "output", "state", "sha256", "task", "steps", "start_step", "total_steps", "epochs", "examples",
     "skipped_examples", "truncated_examples", "tokens", "target_tokens", "seconds", "first_loss",
     "last_loss", "trainable_parameters", "delta_parameters", "head_parameters", "lr", "seed", "device",
-    "dtype", "label_names", "eval", "kernels",
+    "dtype", "label_names", "eval", "kernels", "world_size", "batch_size", "grad_accum", "global_batch",
 }
 
 

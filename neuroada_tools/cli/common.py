@@ -31,6 +31,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except NeuroAdaError as e:
+            if type(e).__name__ == "PeerFailed":  # another rank failed; rank 0 says why
+                sys.exit(e.exit_code)
             _fail(str(e), e.exit_code)
         except OSError as e:  # disk full, permission denied, ...
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""

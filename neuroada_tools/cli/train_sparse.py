@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +74,8 @@ def command(as_json: bool, quiet: bool, **options) -> None:
     if options["num_labels"] is not None and options["task"] not in (None, "classification"):
         raise click.UsageError("--num-labels only applies to --task classification")
     cfg = TrainConfig(**options)
-    with progress_bar(quiet, "train", unit="step") as (set_total, advance, bar):
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    with progress_bar(quiet or not main_rank, "train", unit="step") as (set_total, advance, bar):
 
         def on_start(total: int, start: int) -> None:
             set_total(total)
@@ -85,7 +87,8 @@ def command(as_json: bool, quiet: bool, **options) -> None:
             bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
 
         summary = train(cfg, on_start=on_start, on_step=on_step)
-    emit(summary.to_dict(), as_json, _human)
+    if main_rank:
+        emit(summary.to_dict(), as_json, _human)
 
 
 def _human(s: dict) -> str:

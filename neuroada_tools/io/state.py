@@ -61,13 +61,17 @@ def state_path(output: Path | str) -> Path:
 
 
 def write_state(
-    path: Path, named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer, meta: dict
+    path: Path, named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer | None, meta: dict,
+    *, adam: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write the resume state of the trainable parameters ``named`` and their AdamW state, atomically."""
+    """Write the resume state of the trainable parameters ``named`` and their AdamW state, atomically.
+
+    The AdamW state comes from ``optimizer``, or from ``adam`` (parameter name -> its state, e.g.
+    whole tensors gathered from FSDP2 shards) when given."""
     tensors: dict[str, torch.Tensor] = {}
     for n, p in named:
         tensors[f"param.{n}"] = p.detach().float().cpu()
-        st = optimizer.state.get(p, {})
+        st = adam[n] if adam is not None else optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in st:
                 tensors[f"adam.{key}.{n}"] = torch.as_tensor(st[key], dtype=torch.float32).detach().cpu()

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from neuroada_tools.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.neuroada.*)
 from neuroada_tools.kernels import reference
 
 __all__ = ["BACKENDS", "SparseLinearAdd", "sparse_linear_add"]
@@ -77,7 +78,10 @@ class SparseLinearAdd(torch.autograd.Function):
                 grad_x = ops.sparse_mm_t(g2, idx, delta, d_in)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_delta = ops.sddmm(g2, x.reshape(-1, d_in), idx)
+            if ctx.backend == "torch":  # the op: the compiled SDDMM on CPU where it applies
+                grad_delta = torch.ops.neuroada.sddmm(g2, x.reshape(-1, d_in), idx)
+            else:
+                grad_delta = ops.sddmm(g2, x.reshape(-1, d_in), idx)
         return grad_x, grad_delta, None, None, None
 
 

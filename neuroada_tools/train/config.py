@@ -20,7 +20,7 @@ TRAIN_DTYPES = ("fp32", "bf16")
 
 #: Settings that shape the trajectory: a resume with any of them changed is refused.
 TRAJECTORY = (
-    "task", "seed", "lr", "weight_decay", "warmup_ratio", "batch_size", "grad_accum", "max_length",
+    "task", "seed", "lr", "weight_decay", "warmup_ratio", "global_batch", "max_length",
     "max_grad_norm", "train_on_prompt", "dtype", "label_field", "text_field", "num_labels",
 )
 
@@ -68,8 +68,9 @@ class TrainConfig:
         "--batch-size", "Examples per micro-batch.", min=1, show_default=True))
     grad_accum: int = field(default=1, metadata=_opt(
         "--grad-accum", "Micro-batches per optimizer step.", min=1, show_default=True))
-    max_length: int = field(default=256, metadata=_opt(
-        "--max-length", "Cut longer examples to this many tokens.", min=1, show_default=True))
+    max_length: int | None = field(default=None, metadata=_opt(
+        "--max-length", "Cut longer examples to this many tokens (default: 256, or the model's maximum "
+        "positions if fewer).", min=1))
     max_grad_norm: float = field(default=1.0, metadata=_opt(
         "--max-grad-norm", "Clip the gradient norm (0: no clipping).", min=0, show_default=True))
     seed: int = field(default=0, metadata=_opt(
@@ -92,6 +93,11 @@ class TrainConfig:
         "--trust-remote-code", "Allow the model folder's own Python code (off by default)."))
     force: bool = field(default=False, metadata=_opt(
         "--force", "Overwrite an existing delta sidecar and resume state."))
+    fsdp: bool = field(default=False, metadata=_opt(
+        "--fsdp", "Under torchrun: shard the model over the processes with FSDP2 (default there: DDP)."))
+    dist_timeout: float = field(default=300.0, metadata=_opt(
+        "--dist-timeout", "Under torchrun: seconds any collective may wait for the other ranks.", min=1,
+        show_default=True))
 
     def check(self) -> None:
         """Refuse settings no run can use (``TrainingError`` naming the setting)."""
@@ -105,7 +111,9 @@ class TrainConfig:
              f"weight decay must be >= 0, found {self.weight_decay}")
         need(0 <= self.warmup_ratio <= 1, f"warmup ratio must be in [0, 1], found {self.warmup_ratio}")
         need(self.max_grad_norm >= 0, f"max grad norm must be >= 0, found {self.max_grad_norm}")
-        for name in ("batch_size", "grad_accum", "max_length", "epochs"):
+        need(self.max_length is None or self.max_length >= 1, f"max length must be >= 1, found {self.max_length}")
+        need(self.dist_timeout > 0, f"dist timeout must be > 0, found {self.dist_timeout}")
+        for name in ("batch_size", "grad_accum", "epochs"):
             need(getattr(self, name) >= 1, f"{name.replace('_', ' ')} must be >= 1, found {getattr(self, name)}")
         need(self.max_steps is None or self.max_steps >= 1, f"max steps must be >= 1, found {self.max_steps}")
         need(self.save_every >= 0, f"save every must be >= 0, found {self.save_every}")
@@ -141,6 +149,10 @@ class TrainSummary:
     seed: int
     device: str
     dtype: str
+    world_size: int = 1  # processes (torchrun); batch_size is per process
+    batch_size: int = 0  # per-process micro-batch
+    grad_accum: int = 1
+    global_batch: int = 0  # batch_size x grad_accum x world_size examples per optimizer step
     label_names: list[str] | None = None
     eval: dict | None = None  # {"examples", "loss", "accuracy" (classification, multiple choice)}
     losses: list[float] = field(default_factory=list)  # per step, this run

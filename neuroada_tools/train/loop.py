@@ -32,13 +32,18 @@ The resume state: ``io/state.py`` and ``formats/state-v1.md``; resuming: ``train
 A loss or gradient that is NaN or infinite stops training with ``TrainingError``; the files of
 the last checkpoint stay as they were (a checkpoint is never written with non-finite values).
 
-Left out: distributed and multi-GPU training, mixed precision with fp32 master weights (``bf16``
+Several processes under ``torchrun`` (DDP, or FSDP2 with ``--fsdp``): ``train/distributed.py``.
+
+Left out: mixed precision with fp32 master weights (``bf16``
 loads the base in bf16; deltas, head and their AdamW state are fp32 anyway), sequence packing,
 evaluation during training (``eval_data`` is evaluated once, at the end), early stopping.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +58,7 @@ from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.io.outputs import atomic_file, check_delta_outputs
 from neuroada_tools.io.sidecar import file_digest, read_index, write_delta
 from neuroada_tools.io.state import read_state, state_path, write_state
+from neuroada_tools.train import distributed
 from neuroada_tools.train.bypass import attach, make_delta_sidecar
 from neuroada_tools.train.config import StepInfo, TrainConfig, TrainSummary
 from neuroada_tools.train.data import collate
@@ -66,7 +72,7 @@ from neuroada_tools.train.setup import (
 from neuroada_tools.train.steps import (
     NonFinite,
     compute_loss,
-    epoch_batches,
+    epoch_order,
     evaluate,
     lr_at,
     make_optimizer,
@@ -90,174 +96,182 @@ def train(
     ``on_start(total_steps, start_step)`` is called once before the first step, ``on_step`` after
     every step (a progress bar). Raises ``OutputError``, ``SidecarError``/``FingerprintError``,
     ``ModelError``, ``DataError`` before anything is trained or written, and ``TrainingError``
-    when the loss becomes NaN or a resume state does not fit.
+    when the loss becomes NaN or a resume state does not fit. Under torchrun every rank calls it
+    (``train/distributed.py``); the callbacks then matter on rank 0 only.
     """
     cfg.check()
+    dist = distributed.start(cfg.fsdp, cfg.dist_timeout, cfg.device)
+    try:
+        return _train(cfg, dist, on_start, on_step)
+    finally:
+        distributed.finish(dist)
+
+
+def _model_digest(ckpt) -> str:
+    """What the ranks compare of the model folder: config.json and every tensor's name, dtype and
+    shape (the adapted tensors' values are bound to the index by its fingerprints)."""
+    h = hashlib.sha256(json.dumps(ckpt.config or {}, sort_keys=True).encode())
+    for name in sorted(ckpt.tensors):
+        raw = ckpt.tensors[name].raw
+        h.update(f"{name}:{raw.dtype}:{list(raw.shape)};".encode())
+    return h.hexdigest()
+
+
+def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> TrainSummary:
     model_dir, output, state_file = Path(cfg.model), Path(cfg.output), state_path(cfg.output)
+    error: BaseException | None = None
+    try:  # every rank does steps 1-4; a failure anywhere stops every rank before training
+        # ---- 1. outputs, index and base --------------------------------------------------------
+        if not model_dir.is_dir():
+            raise ModelError(f"{model_dir}: not a model folder (--model takes the folder with config.json)")
+        if dist.is_main:
+            check_delta_outputs(output, state_file, model_dir, (cfg.index, cfg.data, cfg.eval_data),
+                                force=cfg.force, resume=cfg.resume)
+        index = read_index(cfg.index)
+        ckpt = open_checkpoint(model_dir)
+        check_shapes(index, ckpt)  # headers only; the fingerprints are compared once the weights are loaded
+        config_dict = ckpt.config or {}
+        task = cfg.task or default_task(config_dict)
+        if task not in TASKS:
+            raise ModelError(f"unknown task {task!r} (choose {', '.join(TASKS)})")
+        cfg = _with_max_length(cfg, config_dict, model_dir)
 
-    # ---- 1. outputs, index and base ------------------------------------------------------------
-    if not model_dir.is_dir():
-        raise ModelError(f"{model_dir}: not a model folder (--model takes the folder with config.json)")
-    check_delta_outputs(output, state_file, model_dir, (cfg.index, cfg.data, cfg.eval_data), force=cfg.force,
-                        resume=cfg.resume)
-    index = read_index(cfg.index)
-    ckpt = open_checkpoint(model_dir)
-    check_shapes(index, ckpt)  # headers only; the fingerprints are compared once the weights are loaded
-    config_dict = ckpt.config or {}
-    task = cfg.task or default_task(config_dict)
-    if task not in TASKS:
-        raise ModelError(f"unknown task {task!r} (choose {', '.join(TASKS)})")
+        # ---- 2. tokenizer and data -------------------------------------------------------------
+        prep = prepare_data(cfg, task, model_dir)
+        examples, eval_examples, label_names = prep.examples, prep.eval_examples, prep.label_names
+        num_examples = len(examples)
+        distributed.check_shares(num_examples, cfg.batch_size, dist.world)
+        micro = cfg.batch_size * dist.world  # examples per global micro-batch
+        step_examples = micro * cfg.grad_accum  # the global batch
+        epoch_steps = steps_per_epoch(num_examples, micro, cfg.grad_accum)
+        total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * epoch_steps
+        warmup = warmup_steps(total_steps, cfg.warmup_ratio)
+        data_sha = file_digest(Path(cfg.data))
+        settings = {
+            "task": task, "seed": cfg.seed, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+            "warmup_ratio": cfg.warmup_ratio, "global_batch": step_examples, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "world_size": dist.world, "max_length": cfg.max_length,
+            "max_grad_norm": cfg.max_grad_norm, "train_on_prompt": cfg.train_on_prompt, "dtype": cfg.dtype,
+            "label_field": prep.label_field if task == "classification" else None,
+            "text_field": cfg.text_field if task == "classification" else None,
+            "num_labels": len(label_names) if label_names is not None else None,
+        }
 
-    positions = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
-    if isinstance(positions, int) and not isinstance(positions, bool) and cfg.max_length > positions:
-        raise ModelError(
-            f"--max-length {cfg.max_length} is longer than the model's {positions} positions "
-            f"({model_dir / 'config.json'}); use --max-length {positions} or less"
-        )
+        # ---- 3. resume state -------------------------------------------------------------------
+        resumed = None
+        if cfg.resume:
+            resumed = read_state(state_file)
+            check_resume(resumed.meta, settings, index.digest, data_sha, total_steps, state_file, cfg)
 
-    # ---- 2. tokenizer and data ------------------------------------------------------------------
-    prep = prepare_data(cfg, task, model_dir)
-    examples, eval_examples, label_field, label_names = (
-        prep.examples,
-        prep.eval_examples,
-        prep.label_field,
-        prep.label_names,
-    )
-    pad_id = prep.pad_id
-    num_examples = len(examples)
-    epoch_steps = steps_per_epoch(num_examples, cfg.batch_size, cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * epoch_steps
-    warmup = warmup_steps(total_steps, cfg.warmup_ratio)
-    data_sha = file_digest(Path(cfg.data))
-    settings = {
-        "task": task,
-        "seed": cfg.seed,
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay,
-        "warmup_ratio": cfg.warmup_ratio,
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
-        "max_length": cfg.max_length,
-        "max_grad_norm": cfg.max_grad_norm,
-        "train_on_prompt": cfg.train_on_prompt,
-        "dtype": cfg.dtype,
-        "label_field": label_field if task == "classification" else None,
-        "text_field": cfg.text_field if task == "classification" else None,
-        "num_labels": len(label_names) if label_names is not None else None,
-    }
+        # ---- 4. model, bypasses, head ----------------------------------------------------------
+        device = distributed.device_of(dist, pick_device(cfg.device))
+        torch.manual_seed(cfg.seed)  # the head's initialisation, then dropout
+        tcfg = task_config(model_dir, task, label_names=label_names, trust_remote_code=cfg.trust_remote_code)
+        if getattr(tcfg, "pad_token_id", None) is None and task != "causal-lm":
+            tcfg.pad_token_id = prep.pad_id  # decoders (GPT-2) find the last token of each row by it
+        model = load_model(model_dir, task, config=tcfg, dtype=hf.DTYPES[cfg.dtype],
+                           trust_remote_code=cfg.trust_remote_code)
+        verify_loaded(index, model, ckpt)  # FingerprintError naming the tensor if the index is from another base
+    except Exception as e:  # noqa: BLE001 - handed to every rank by agree, which re-raises it
+        error = e
+    distributed.agree(dist, error)
+    distributed.same_everywhere(dist, {"index": index.digest, "data file": data_sha,
+                                       "model folder": _model_digest(ckpt)})
 
-    # ---- 3. resume state --------------------------------------------------------------------------
-    resumed = None
-    if cfg.resume:
-        resumed = read_state(state_file)
-        check_resume(resumed.meta, settings, index.digest, data_sha, total_steps, state_file, cfg)
-
-    # ---- 4. model, bypasses, head -----------------------------------------------------------------
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # the head's initialisation, then dropout
-    tcfg = task_config(model_dir, task, label_names=label_names, trust_remote_code=cfg.trust_remote_code)
-    if getattr(tcfg, "pad_token_id", None) is None and task != "causal-lm":
-        tcfg.pad_token_id = pad_id  # decoders (GPT-2) find the last token of each row by it
-    model = load_model(
-        model_dir, task, config=tcfg, dtype=hf.DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-    )
-    verify_loaded(index, model, ckpt)  # FingerprintError naming the tensor if the index is from another base
     model.to(device)
-    attach(model, index)  # freezes every parameter, adds fp32 deltas (zeros)
+    attach(model, index, mode="sparse" if dist.fsdp else "fused")  # freezes every parameter; fp32 zero deltas
     head = unfreeze_head(model, task)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    bypassed = [m for m in model.modules() if hasattr(m, "neuroada_delta")]
+    runner = distributed.wrap(model, dist, device)  # DDP, FSDP2 (shards model in place), or model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer([p for _, p in named], cfg.lr, cfg.weight_decay)
+    params = [p for _, p in named]
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
     delta_params = sum(p.numel() for n, p in named if n not in head)
     head_params = sum(p.numel() for n, p in named if n in head)
 
     # counters; a resume restores them with the parameters, AdamW state, RNG and position
-    step, epoch, batch_pos = 0, 0, 0
+    step, epoch, position = 0, 0, 0  # position: examples of this epoch's order already trained on
     tokens = target_tokens = 0
     first_loss = last_loss = None
     if resumed is not None:
         restore_state(resumed, named, optimizer, device, state_file)
         m = resumed.meta
-        step, epoch, batch_pos = m["step"], m["epoch"], m["batch"]
-        tokens, target_tokens = m["tokens"], m["target_tokens"]
+        step, epoch, tokens, target_tokens = m["step"], m["epoch"], m["tokens"], m["target_tokens"]
+        position = m.get("position", m["batch"] * m["settings"].get("batch_size", cfg.batch_size))
         first_loss, last_loss = m["first_loss"], m["last_loss"]
     start_step = step
     last_saved = step if resumed is not None else None  # the step of the checkpoint on disk
 
     def checkpoint() -> str:
         nonlocal last_saved
-        for n, p in named:
-            if not bool(torch.isfinite(p).all()):
-                raise TrainingError(f"parameter {n!r} is not finite after step {step}; not saving it")
-        info = {
-            "steps": step,
-            "total_steps": total_steps,
-            "examples": num_examples,
-            "last_loss": last_loss,
-            "base_model_type": config_dict.get("model_type", ""),
-            "data_sha256": data_sha,
-            "writer": f"neuroada-tools {__version__}",
-            "epochs": cfg.epochs,
-            "max_steps": cfg.max_steps,
-            **settings,
-        }
-        if label_names is not None:
-            info["label_names"] = list(label_names)
-        sidecar = make_delta_sidecar(model, index, dense={n: p for n, p in named if n in head}, task=task, info=info)
-        with atomic_file(output) as tmp:
-            digest = write_delta(tmp, sidecar)
-        meta = {
-            "step": step,
-            "epoch": epoch,
-            "batch": batch_pos,
-            "total_steps": total_steps,
-            "tokens": tokens,
-            "target_tokens": target_tokens,
-            "first_loss": first_loss,
-            "last_loss": last_loss,
-            "index_sha256": index.digest,
-            "data_sha256": data_sha,
-            "delta_sha256": digest,
-            "settings": settings,
-        }
-        write_state(state_file, named, optimizer, meta)
+        distributed.barrier(dist)  # every rank has finished this step
+        whole = [(n, distributed.full(p.detach())) for n, p in named]  # FSDP2: gathered on every rank
+        adam = {n: {k: distributed.full(v) for k, v in optimizer.state.get(p, {}).items()} for n, p in named}
+        values = {m.neuroada_name: distributed.full(m.neuroada_delta.detach()) for m in bypassed}
+        digest = ""
+        if dist.is_main:
+            for n, p in whole:
+                if not bool(torch.isfinite(p).all()):
+                    raise TrainingError(f"parameter {n!r} is not finite after step {step}; not saving it")
+            info = {
+                "steps": step, "total_steps": total_steps, "examples": num_examples, "last_loss": last_loss,
+                "base_model_type": config_dict.get("model_type", ""), "data_sha256": data_sha,
+                "writer": f"neuroada-tools {__version__}", "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+                **settings,
+            }
+            if label_names is not None:
+                info["label_names"] = list(label_names)
+            sidecar = make_delta_sidecar(model, index, dense={n: p for n, p in whole if n in head}, task=task,
+                                         info=info, values=values)
+            with atomic_file(output) as tmp:
+                digest = write_delta(tmp, sidecar)
+            meta = {
+                "step": step, "epoch": epoch, "batch": -(-position // micro), "position": position,
+                "total_steps": total_steps, "tokens": tokens, "target_tokens": target_tokens,
+                "first_loss": first_loss, "last_loss": last_loss, "index_sha256": index.digest,
+                "data_sha256": data_sha, "delta_sha256": digest, "settings": settings,
+            }
+            write_state(state_file, whole, None, meta, adam=adam)
+        distributed.barrier(dist)  # nobody goes on (or exits) before the files are in place
         last_saved = step
         return digest
 
     # ---- 5. the loop ------------------------------------------------------------------------------
     model.train()
-    params = [p for _, p in named]
-    if on_start:
+    if on_start and dist.is_main:
         on_start(total_steps, step)
     losses: list[float] = []
-    batches, batches_epoch = [], -1
+    order, order_epoch = [], -1
     t0 = time.perf_counter()
     while step < total_steps:
-        if batches_epoch != epoch:
-            batches, batches_epoch = epoch_batches(num_examples, cfg.batch_size, cfg.seed, epoch), epoch
-        if batch_pos >= len(batches):
-            epoch, batch_pos = epoch + 1, 0
+        if order_epoch != epoch:
+            order, order_epoch = epoch_order(num_examples, cfg.seed, epoch), epoch
+        if position >= num_examples:
+            epoch, position = epoch + 1, 0
             continue
-        group = [collate([examples[i] for i in b], pad_id) for b in batches[batch_pos : batch_pos + cfg.grad_accum]]
+        chunk = order[position : position + step_examples]
+        group = [collate([examples[i] for i in distributed.share(chunk[s : s + micro], dist)], prep.pad_id)
+                 for s in range(0, len(chunk), micro)]
         lr = lr_at(step, total_steps, warmup, cfg.lr)
         try:
-            result = optimizer_step(model, params, optimizer, group, task, device, lr, cfg.max_grad_norm)
+            result = optimizer_step(runner, params, optimizer, group, task, device, lr, cfg.max_grad_norm,
+                                    dist=dist)
         except NonFinite as e:
             raise TrainingError(nan_message(e.what, step + 1, lr, output, last_saved)) from None
-        step_loss = result.loss
-        tokens += result.tokens
         step += 1
-        batch_pos += len(group)
+        position += len(chunk)
+        tokens += result.tokens
         target_tokens += result.targets
         if first_loss is None:
-            first_loss = step_loss
-        last_loss = step_loss
-        losses.append(step_loss)
-        if on_step:
-            on_step(StepInfo(step, total_steps, step_loss, lr))
+            first_loss = result.loss
+        last_loss = result.loss
+        losses.append(result.loss)
+        if on_step and dist.is_main:
+            on_step(StepInfo(step, total_steps, result.loss, lr))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint()
     seconds = time.perf_counter() - t0
@@ -265,33 +279,31 @@ def train(
     # ---- 6. final checkpoint, evaluation, summary -------------------------------------------------
     digest = checkpoint()
     eval_result = None
-    if eval_examples:
-        eval_result = evaluate(model, eval_examples, task, pad_id, cfg.batch_size, device)
+    if eval_examples and (dist.is_main or dist.fsdp):  # FSDP2: every rank runs the sharded model
+        eval_result = evaluate(model, eval_examples, task, prep.pad_id, cfg.batch_size, device)
     return TrainSummary(
-        output=str(output),
-        state=str(state_file),
-        sha256=digest,
-        task=task,
-        steps=step,
-        start_step=start_step,
-        total_steps=total_steps,
-        epochs=round(step / epoch_steps, 4),
-        examples=num_examples,
-        skipped_examples=prep.skipped,
-        truncated_examples=prep.stats.truncated,
-        tokens=tokens,
-        target_tokens=target_tokens,
-        seconds=round(seconds, 3),
-        first_loss=first_loss,
-        last_loss=last_loss,
-        trainable_parameters=delta_params + head_params,
-        delta_parameters=delta_params,
-        head_parameters=head_params,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        device=str(device),
-        dtype=cfg.dtype,
-        label_names=label_names,
-        eval=eval_result,
+        output=str(output), state=str(state_file), sha256=digest, task=task, steps=step,
+        start_step=start_step, total_steps=total_steps, epochs=round(step / epoch_steps, 4),
+        examples=num_examples, skipped_examples=prep.skipped, truncated_examples=prep.stats.truncated,
+        tokens=tokens, target_tokens=target_tokens, seconds=round(seconds, 3), first_loss=first_loss,
+        last_loss=last_loss, trainable_parameters=delta_params + head_params,
+        delta_parameters=delta_params, head_parameters=head_params, lr=cfg.lr, seed=cfg.seed,
+        device=str(device), dtype=cfg.dtype, world_size=dist.world, batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum, global_batch=step_examples, label_names=label_names, eval=eval_result,
         losses=losses,
     )
+
+
+def _with_max_length(cfg: TrainConfig, config_dict: dict, model_dir: Path) -> TrainConfig:
+    """``cfg`` with ``max_length`` set: ``min(256, the model's positions)`` when not given; a given
+    value longer than the model's positions is refused (``ModelError``)."""
+    positions = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
+    known = isinstance(positions, int) and not isinstance(positions, bool) and positions > 0
+    if cfg.max_length is None:
+        return dataclasses.replace(cfg, max_length=min(256, positions) if known else 256)
+    if known and cfg.max_length > positions:
+        raise ModelError(
+            f"--max-length {cfg.max_length} is longer than the model's {positions} positions "
+            f"({model_dir / 'config.json'}); use --max-length {positions} or less"
+        )
+    return cfg

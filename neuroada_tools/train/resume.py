@@ -2,6 +2,8 @@
 
 ``resume`` restores the parameters, AdamW's state, the RNG and the data position, and continues:
 ``N`` steps, interrupted, then resumed to ``N + M`` gives the tensors of ``N + M`` steps straight.
+Under torchrun the world size may change between the two, as long as the global batch
+(``batch_size x grad_accum x world``) stays: the position is counted in examples.
 A resume with other settings (``TRAJECTORY``) is refused, except a changed ``max_steps`` /
 ``epochs`` (the schedule is then recomputed for the new total).
 """
@@ -15,6 +17,7 @@ import torch
 from neuroada_tools.errors import TrainingError
 from neuroada_tools.io.state import TrainState
 from neuroada_tools.train.config import TRAJECTORY, TrainConfig
+from neuroada_tools.train.distributed import like
 
 
 def check_resume(meta: dict, settings: dict, index_digest: str, data_sha: str, total_steps: int,
@@ -26,7 +29,9 @@ def check_resume(meta: dict, settings: dict, index_digest: str, data_sha: str, t
         )
     if meta["data_sha256"] != data_sha:
         raise TrainingError(f"{label}: trained on other data (sha256 {meta['data_sha256'][:12]}...), not {cfg.data}")
-    saved = meta["settings"]
+    saved = dict(meta["settings"])
+    if "global_batch" not in saved and "batch_size" in saved:  # written before torchrun support: 1 process
+        saved["global_batch"] = saved["batch_size"] * saved.get("grad_accum", 1)
     for key in TRAJECTORY:
         if saved.get(key) != settings.get(key):
             raise TrainingError(
@@ -57,13 +62,13 @@ def restore_state(state: TrainState, named, optimizer, device, state_file: Path)
                 )
             if not bool(torch.isfinite(value).all()):
                 raise TrainingError(f"{label}: param.{n} is not finite")
-            p.copy_(value.to(p.dtype))
+            p.copy_(like(p, value.to(p.dtype)))
             st = {}
             for key in ("exp_avg", "exp_avg_sq"):
                 v = t.get(f"adam.{key}.{n}")
                 if v is None or tuple(v.shape) != tuple(p.shape):
                     raise TrainingError(f"{label}: adam.{key}.{n} missing or of the wrong shape")
-                st[key] = v.to(device=p.device, dtype=p.dtype).clone()
+                st[key] = like(p, v.to(device=p.device, dtype=p.dtype).clone())
             s = t.get(f"adam.step.{n}")
             if s is None or s.dim() != 0:
                 raise TrainingError(f"{label}: adam.step.{n} missing or not a scalar")

@@ -28,6 +28,7 @@ seed and the epoch only, so a resumed run finds its place again from ``(epoch, m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -148,6 +149,8 @@ def optimizer_step(
     device: torch.device,
     lr: float,
     max_grad_norm: float,
+    *,
+    dist: Any = None,
 ) -> StepResult:
     """One optimizer step over the collated micro-batches ``group`` at learning rate ``lr``.
 
@@ -157,23 +160,43 @@ def optimizer_step(
     ``NonFinite("gradient")`` before an update with a NaN/Inf gradient norm; the parameters are
     then as before the step. Example: two micro-batches of 3 and 5 target tokens are each
     divided by 8, so the step's gradient is that of one batch of all 8.
+
+    Under torchrun (``dist``, ``train/distributed.py``) ``group`` is this rank's share of the
+    global step: the count is the global one (summed over ranks), each rank's loss is multiplied
+    by the world size (DDP and FSDP2 average gradients over ranks; this keeps the global sum),
+    gradients are reduced once per step (DDP ``no_sync`` before the last micro-batch), and the
+    loss check happens once the step's loss is summed over ranks, so every rank stops together.
+    The returned loss, tokens and targets are the global ones.
     """
-    count = sum(count_targets(mb, task) for mb in group)
+    from neuroada_tools.train import distributed
+
+    world = dist.world if dist is not None and dist.enabled else 1
+    local = [float(sum(count_targets(mb, task) for mb in group))]
+    count = int(distributed.all_sum(dist, local, device)[0]) if world > 1 else int(local[0])
     for g in optimizer.param_groups:
         g["lr"] = lr
     step_loss, tokens = 0.0, 0
-    for mb in group:
-        loss_sum, _ = compute_loss(model, mb, task, device)
-        loss = loss_sum / count
-        if not bool(torch.isfinite(loss)):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFinite("loss")
-        loss.backward()
+    for i, mb in enumerate(group):
+        with distributed.no_sync(model, i == len(group) - 1) if world > 1 else contextlib.nullcontext():
+            loss_sum, _ = compute_loss(model, mb, task, device)
+            loss = loss_sum / count
+            if world == 1 and not bool(torch.isfinite(loss)):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFinite("loss")
+            (loss * world if world > 1 else loss).backward()
         step_loss += float(loss.detach())
         tokens += int(mb["attention_mask"].sum())
+    if world > 1:
+        step_loss, total_tokens = distributed.all_sum(dist, [step_loss, float(tokens)], device)
+        tokens = int(total_tokens)
+        if not math.isfinite(step_loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFinite("loss")
     grad_norm = torch.nn.utils.clip_grad_norm_(
         params, max_grad_norm if max_grad_norm > 0 else float("inf"), foreach=False
     )
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
     if not bool(torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise NonFinite("gradient")
@@ -202,15 +225,20 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
     return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order epoch ``epoch`` visits ``range(n)`` in (see ``epoch_batches``)."""
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little"))
+    return torch.randperm(n, generator=g).tolist()
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of epoch ``epoch``: a seeded permutation of ``range(n)`` cut in pieces.
 
     The generator's seed is the first 8 bytes (little endian) of ``sha256(f"{seed}:{epoch}")``,
     so every (seed, epoch) pair has its own order, independent of any other random state.
     """
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little"))
-    order = torch.randperm(n, generator=g).tolist()
+    order = epoch_order(n, seed, epoch)
     return [order[s : s + batch_size] for s in range(0, n, batch_size)]
 
 

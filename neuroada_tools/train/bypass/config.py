@@ -10,9 +10,10 @@ try:  # GPT-2 style layers store the weight as [in, out]
 except ImportError:  # pragma: no cover - transformers is a dependency, but keep the module importable
     Conv1D = None
 
-#: ``fused`` (training default: refresh the selected entries in place, one matmul) or
-#: ``reference`` (``x W^T + x S^T``, plain autograd; tests and parity).
-MODES = ("fused", "reference")
+#: ``fused`` (training default: refresh the selected entries in place, one matmul),
+#: ``sparse`` (``x W^T + x S^T`` with ``S`` never formed: the sharding-safe path FSDP2 needs; see
+#: ``layer.py``) or ``reference`` (``x W^T + x S^T`` with a dense ``S``, plain autograd; tests and parity).
+MODES = ("fused", "sparse", "reference")
 DELTA_ATTR = "neuroada_delta"
 ROOT_STATE = "_neuroada_attach_state"
 

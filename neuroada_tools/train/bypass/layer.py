@@ -1,6 +1,18 @@
 """The adapted layer: a subclass of ``nn.Linear`` / ``Conv1D`` made by ``attach``, holding the delta,
 the index row buffers and the base values at the selected positions; its forward refreshes the
-selected entries of the weight (``_neuroada_refresh``) and runs one matmul."""
+selected entries of the weight (``_neuroada_refresh``) and runs one matmul.
+
+Where a process does not hold the whole weight (FSDP2 shards it over ranks, issue 8), the
+``sparse`` mode runs instead: ``y = x W^T + b + x S^T`` with ``S`` the delta at the selected
+columns, never formed as a matrix; ``grad_x = g W + g S`` and ``grad_delta = sddmm(g, x, idx)``
+(``kernels/sparse_add.py``; the Triton kernels on GPU, torch and the compiled SDDMM on CPU). Why
+this and not the fused refresh applied to the unsharded weight inside FSDP's all-gather: FSDP2
+frees the unsharded weight after forward and gathers it again from the shards before backward,
+so a refresh written into it would be gone by then (backward's ``g W'`` would lose the delta),
+and writing it into the shards instead would make every rank's shard hold trained values, so
+the base would no longer be the base. The sparse add never writes the weight, costs
+``2 T d_out k`` extra multiply-adds per pass (small next to ``T d_out d_in``), and its state is the
+delta and index alone, which FSDP2 shards or replicates like any parameter and buffer."""
 
 from __future__ import annotations
 
@@ -13,7 +25,9 @@ from torch import nn
 from neuroada_tools.errors import ModelError
 from neuroada_tools.kernels import native
 from neuroada_tools.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.neuroada.*)
+from neuroada_tools.kernels.backend import choose as choose_backend
 from neuroada_tools.kernels.refresh import native_call, reference_refresh_
+from neuroada_tools.kernels.sparse_add import sparse_linear_add
 from neuroada_tools.train.bypass.config import (
     DELTA_ATTR,
     keep_fp32,
@@ -156,9 +170,16 @@ class _BypassMixin:
         s = s.scatter(1, self.neuroada_idx.long(), delta.to(acc))
         return y + F.linear(x.to(acc), s).to(y.dtype)
 
+    def _neuroada_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        self._neuroada_restore()  # the weight stays the base: nothing is ever written to it
+        backend = "triton" if choose_backend(x.device) == "triton" else "torch"
+        return self._neuroada_dense(x) + sparse_linear_add(x, self.neuroada_idx, self.neuroada_delta, backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.neuroada_mode == "reference":
             return self._neuroada_reference(x)
+        if self.neuroada_mode == "sparse":
+            return self._neuroada_sparse(x)
         if self.weight.requires_grad:
             raise ModelError(
                 f"{self.neuroada_name!r}: the base weight requires grad; NeuroAda trains the deltas only"

@@ -219,7 +219,7 @@ def merge_in_place(model: nn.Module) -> None:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch every bypass between ``"fused"`` and ``"reference"``; the weights are left clean."""
+    """Switch every bypass to ``"fused"``, ``"sparse"`` or ``"reference"``; the weights are left clean."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
     layers = _bypassed(model)
@@ -253,13 +253,18 @@ def make_delta_sidecar(
     dense: dict[str, torch.Tensor] | None = None,
     task: str = "",
     info: dict | None = None,
+    values: dict[str, torch.Tensor] | None = None,
 ) -> DeltaSidecar:
     """A ``DeltaSidecar`` holding the model's current deltas for every tensor of ``index``.
 
     ``dense`` (model parameter name -> tensor, e.g. a trained classifier) is stored as detached fp32
-    copies. Raises ``ModelError`` if an index tensor has no bypass in ``model``.
+    copies. ``values`` (index tensor name -> tensor) replaces the model's own deltas, e.g. the
+    whole tensors gathered from FSDP2 shards. Raises ``ModelError`` if an index tensor has no
+    bypass in ``model``.
     """
     current = deltas(model)
+    if values is not None:
+        current = {n: values.get(n, t) for n, t in current.items()}
     missing = [n for n in sorted(index.indices) if n not in current]
     if missing:
         raise ModelError(f"index tensor {missing[0]!r} has no NeuroAda bypass in the model")

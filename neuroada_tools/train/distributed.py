@@ -1,0 +1,250 @@
+"""train-sparse on several processes under ``torchrun``: DDP, or FSDP2 with ``--fsdp``.
+
+Started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the environment), ``train``
+joins the process group (gloo on CPU, nccl on CUDA; every collective has ``--dist-timeout``) and
+each rank uses ``LOCAL_RANK``'s device. Without torchrun nothing here does anything.
+
+The same global batch means the same training. ``--batch-size`` is the per-process micro-batch;
+the global micro-batch is ``batch_size x world`` examples, cut from the epoch's order exactly as
+one process with ``--batch-size batch_size x world`` would cut it, and rank ``r`` takes the
+``r``-th equal share of it (``share``). The loss is the sum over the whole global step divided
+by the step's global target count (``all_sum``), so 2 processes with ``--batch-size 4`` follow 1
+process with ``--batch-size 8`` to float tolerance. Worked example: 10 examples, world 2,
+``--batch-size 2``: global micro-batches of 4, 4 and 2 examples; rank 1 takes examples 2-3, 6-7
+and 9 of the epoch's order. A final global micro-batch the ranks cannot share evenly (9 examples,
+world 2, batch 2: 1 left) is refused before training with a ``--batch-size`` that works
+(``check_shares``).
+
+DDP wraps the model with only the trainable tensors (deltas and head) registered with its reducer
+(``requires_grad``); the frozen base never is, and ``init_sync=False`` skips the start-up
+broadcast (every rank loaded the same checked files and seed). DDP averages gradients over ranks,
+so each rank's loss is multiplied by ``world`` (``grad_scale``) to keep the global sum.
+
+FSDP2 (``fully_shard``: one unit per transformer block, then the root) shards every parameter,
+the frozen base included, so a rank holds about ``1/world`` of it between uses. The bypass then
+runs in ``sparse`` mode (``train/bypass/layer.py`` says why). Checkpoints gather the full deltas,
+head and AdamW moments (``full_tensor``) on every rank; rank 0 alone writes them.
+
+Rank 0 alone writes files, prints the progress bar and the summary; a checkpoint is written after
+a barrier, so only once every rank finished that step. A failure on any rank before training
+(bad data, a refused setting) reaches every rank through ``agree``: rank 0 reports it as one line
+and the others exit quietly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neuroada_tools.errors import NeuroAdaError, TrainingError
+
+
+class PeerFailed(NeuroAdaError):
+    """Another rank failed; rank 0 reports why. The CLI exits with code 2 and prints nothing."""
+
+
+@dataclass
+class Dist:
+    """This process's place in the run (``world == 1``: a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    fsdp: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1 or torch.distributed.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by ``torchrun`` (or set up as if it were)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def start(fsdp: bool, timeout_s: float, device_name: str) -> Dist:
+    """Join the process group when launched by torchrun; a ``Dist`` for a single process otherwise.
+
+    ``--fsdp`` without torchrun is refused (``TrainingError``) before anything is read.
+    """
+    if not launched():
+        if fsdp:
+            raise TrainingError("--fsdp shards the model over processes started by torchrun; run it under "
+                                "torchrun --nproc-per-node N -m neuroada_tools train-sparse ...")
+        return Dist()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    return Dist(rank=rank, world=world, local_rank=local_rank, fsdp=fsdp)
+
+
+def device_of(dist: Dist, device: torch.device) -> torch.device:
+    """``LOCAL_RANK``'s CUDA device under torchrun; ``device`` unchanged otherwise."""
+    if dist.enabled and device.type == "cuda":
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+def finish(dist: Dist) -> None:
+    """Leave the process group (after the last collective)."""
+    if dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def agree(dist: Dist, error: BaseException | None) -> None:
+    """Every rank learns whether any rank failed; then every rank raises, or none does.
+
+    The first failing rank's error is raised on rank 0 (the one line the user sees); the other
+    ranks raise ``PeerFailed``. A rank that failed with an error that is not the project's (a bug)
+    re-raises its own, so its traceback is kept.
+    """
+    if not dist.enabled:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (type(error).__name__, str(error), isinstance(error, NeuroAdaError))
+    everyone: list[Any] = [None] * dist.world
+    torch.distributed.all_gather_object(everyone, mine)
+    failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
+    if not failed:
+        return
+    if error is not None and not isinstance(error, NeuroAdaError):
+        raise error
+    if dist.is_main:
+        if error is not None:
+            raise error
+        rank, (kind, message, _) = failed[0]
+        raise TrainingError(f"rank {rank}: {message}")
+    raise PeerFailed(f"rank {failed[0][0]} failed")
+
+
+def same_everywhere(dist: Dist, digests: dict[str, str]) -> None:
+    """Refuse ranks that read different files: ``digests`` (what -> sha256) compared with rank 0's."""
+    if not dist.enabled:
+        return
+    everyone: list[Any] = [None] * dist.world
+    torch.distributed.all_gather_object(everyone, digests)
+    for rank, theirs in enumerate(everyone):
+        for what, digest in everyone[0].items():
+            if theirs.get(what) != digest:
+                raise TrainingError(
+                    f"rank {rank} reads another {what} than rank 0 (sha256 {str(theirs.get(what))[:12]}... vs "
+                    f"{digest[:12]}...); every machine needs the same files"
+                )
+
+
+def check_shares(examples: int, batch_size: int, world: int) -> None:
+    """Refuse a world the global micro-batches cannot be shared over evenly (see the module docstring).
+
+    The last global micro-batch of an epoch holds ``examples mod (batch_size x world)`` examples,
+    which is ``examples mod world`` more than a multiple of ``world`` whatever the batch size: so
+    the ranks share every micro-batch evenly exactly when ``world`` divides the example count.
+    Example: 10 examples on 4 ranks, ``--batch-size 2``: micro-batches of 8 and 2; the 2 cannot
+    go to 4 ranks, refused (use 2 or 5 ranks, or 8 or 12 examples).
+    """
+    if world <= 1:
+        return
+    if examples < world:
+        raise TrainingError(f"world size {world} is larger than the {examples} training examples")
+    rest = examples % (batch_size * world)
+    if rest % world == 0:
+        return
+    ranks = [w for w in range(world - 1, 0, -1) if examples % w == 0][0]
+    lower, upper = examples - examples % world, examples + world - examples % world
+    raise TrainingError(
+        f"{examples} examples in global micro-batches of {batch_size} x {world} ranks leave {rest} at the end of "
+        f"each epoch, which {world} ranks cannot share evenly (no --batch-size changes that: the remainder is "
+        f"{examples} mod {world}); run {ranks} processes, or train on {lower} or {upper} examples"
+    )
+
+
+def share(indices: list[int], dist: Dist) -> list[int]:
+    """This rank's equal share of one global micro-batch (``check_shares`` made it divide evenly)."""
+    if dist.world <= 1:
+        return indices
+    per = len(indices) // dist.world
+    return indices[dist.rank * per : (dist.rank + 1) * per]
+
+
+def all_sum(dist: Dist, values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed over ranks (float64 on the wire, so integer counts stay exact)."""
+    if not dist.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(dist: Dist) -> None:
+    """Wait until every rank is here."""
+    if dist.enabled:
+        torch.distributed.barrier()
+
+
+def no_sync(model: torch.nn.Module, last: bool):
+    """DDP's ``no_sync`` for micro-batches before the last of a step (gradients reduced once per step)."""
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- the model across ranks
+
+
+def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """The module the training forward runs through: the model itself, DDP, or FSDP2 in place.
+
+    DDP registers only parameters that require grad (deltas and head) with its reducer. FSDP2
+    shards one unit per transformer block (the classes in transformers' ``_no_split_modules``),
+    then the root; the bypasses must already be in ``sparse`` mode.
+    """
+    if not dist.enabled:
+        return model
+    if dist.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(getattr(model, "_no_split_modules", None) or ())
+        units = [m for m in model.modules() if type(m).__name__ in blocks]
+        if not units:
+            raise TrainingError(f"--fsdp: {type(model).__name__} names no transformer block class to shard by")
+        for m in units:
+            fully_shard(m)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False,
+        broadcast_buffers=False,
+    )
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded one (a collective: every rank calls it, in the same
+    order); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor read from a resume state) laid out as ``param``: this rank's shard
+    for an FSDP2 parameter (no communication: every rank holds the whole value), else as is."""
+    if not hasattr(param, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
