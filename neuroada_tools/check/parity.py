@@ -69,6 +69,7 @@ from neuroada_tools.hf.signature import (
     cache_kwarg,
     flat_cache,
     forward_params,
+    input_vocab_size,
     num_hidden_layers,
     output_cache,
     past_names,
@@ -129,20 +130,28 @@ def make_fresh_inputs(
     seed: int = 0,
     pad_token_id: int | None = None,
     with_token_type_ids: bool = False,
+    vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Random token ids, right-padded: row 0 full length, the last row about half, others random.
 
-    Real tokens never equal ``pad_token_id`` (a sequence classifier finds the last real token by it).
-    Padded slots hold ``pad_token_id`` (0 if None) and mask 0. ``token_type_ids``, when asked for,
-    mark the second half of each row's real tokens as segment 1.
+    Every id lies in ``[0, vocab)``, ``vocab`` being ``vocab_size`` (pass the input embedding's row
+    count, ``hf.signature.input_vocab_size``) or else the config's ``vocab_size``. Real tokens never
+    equal ``pad_token_id`` (a sequence classifier finds the last real token by it). Padded slots hold
+    ``pad_token_id`` (0 if None) and mask 0. A ``pad_token_id`` outside ``[0, vocab)`` is treated as
+    None: tiny test models often hold such ids in their config, and the embedding cannot look them up.
+    ``token_type_ids``, when asked for, mark the second half of each row's real tokens as segment 1.
 
     Example: batch 3, seq 6 -> attention_mask like
     ``[[1,1,1,1,1,1], [1,1,1,1,0,0], [1,1,1,0,0,0]]``.
     """
     if batch < 2 or seq < 2:
         raise ValueError(f"parity inputs need batch >= 2 and seq >= 2 (got {batch}, {seq}) to include padding")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = int(text.vocab_size)
+    if vocab_size is None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab_size = text.vocab_size
+    vocab = int(vocab_size)
+    if pad_token_id is not None and not 0 <= int(pad_token_id) < vocab:
+        pad_token_id = None  # an id the embedding lacks: never fed
     pad = 0 if pad_token_id is None else int(pad_token_id)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
@@ -335,9 +344,9 @@ def check_with_past(
     Torch: ``model`` on the prompt with a fresh cache, then one step with that cache. ONNX Runtime:
     the with-past graph on the prompt with an empty past (length 0), then one step fed with its own
     ``present.*`` outputs -- so the presents round trip is checked too. The step token of each row is
-    the torch argmax at its last real prompt position. Both sides use position ids derived from the
-    attention mask (``hf.signature.position_ids_from_mask``), as the graph does. The report covers the
-    real prompt positions and the step position of every row.
+    the torch argmax at its last real prompt position (clamped to the ids the embedding holds). Both
+    sides use position ids derived from the attention mask (``hf.signature.position_ids_from_mask``),
+    as the graph does. The report covers the real prompt positions and the step position of every row.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n_layers = num_hidden_layers(model.config)
@@ -363,6 +372,7 @@ def check_with_past(
             flat_cache(cache, n_layers)  # refuses caches the graph cannot mirror
             last = mask.sum(dim=1) - 1
             step_ids = prefill_ref[torch.arange(ids.shape[0]), last].argmax(dim=-1, keepdim=True)
+            step_ids = step_ids.clamp_max(input_vocab_size(model) - 1)  # an LM head wider than the embedding
             step_mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
             kw = {"position_ids": position_ids_from_mask(step_mask, 1).to(device)} if use_pos else {}
             out = model(
