@@ -26,6 +26,7 @@ from neuroada_tools.check.parity import (
     run_torch,
     tolerance_for,
 )
+from neuroada_tools.check.rounding import check_rounding, needs_rounding_check
 from neuroada_tools.errors import NeuroAdaError, ParityError
 from neuroada_tools.hf import first_line, load_model, task_config
 from neuroada_tools.hf.signature import first_id_within, input_vocab_size, uses_token_type_ids
@@ -125,6 +126,9 @@ def run_check(
             merged = load_model(Path(merged_dir), task)
             merged.eval()
             record("merged_vs_unmerged", compare_logits(ref, run_torch(merged, inputs), mask), "merged")
+        if needs_rounding_check(unmerged, merged):
+            with comparison_errors("merged_vs_unmerged_fp32"):
+                record("merged_vs_unmerged_fp32", check_rounding(unmerged, merged, inputs, mask, delta.dense), "tight")
         del merged
     if onnx_dir is not None:
         with comparison_errors("onnx_vs_unmerged"):
