@@ -3,7 +3,10 @@
 The reference is the base model loaded with transformers, with the index and delta attached on the
 unfused reference path (``x W^T + x S^T``) and the delta's dense head loaded. Inputs are fresh:
 ``parity.PARITY_BATCH x PARITY_SEQ`` random tokens with right padding, a shape the export never saw.
-Tolerances per dtype are ``parity.TOLERANCES``.
+Tolerances per dtype are ``parity.TOLERANCES``. A merge where the base or the output is bf16/fp16 also
+gets ``merged_vs_unmerged_fp32``, the tight comparison in fp32 arithmetic of ``check/rounding.py``.
+An unexpected exception inside a comparison becomes one ``ParityError`` line naming it
+(``comparison_errors``).
 """
 
 from __future__ import annotations
