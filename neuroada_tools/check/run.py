@@ -3,11 +3,16 @@
 The reference is the base model loaded with transformers, with the index and delta attached on the
 unfused reference path (``x W^T + x S^T``) and the delta's dense head loaded. Inputs are fresh:
 ``parity.PARITY_BATCH x PARITY_SEQ`` random tokens with right padding, a shape the export never saw.
-Tolerances per dtype are ``parity.TOLERANCES``.
+Tolerances per dtype are ``parity.TOLERANCES``. A merge where the base or the output is bf16/fp16 also
+gets ``merged_vs_unmerged_fp32``, the tight comparison in fp32 arithmetic of ``check/rounding.py``.
+An unexpected exception inside a comparison becomes one ``ParityError`` line naming it
+(``comparison_errors``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,10 +29,11 @@ from neuroada_tools.check.parity import (
     run_torch,
     tolerance_for,
 )
-from neuroada_tools.errors import ParityError
-from neuroada_tools.hf import load_model, task_config
-from neuroada_tools.hf.signature import uses_token_type_ids
-from neuroada_tools.io.sidecar import read_delta, read_index
+from neuroada_tools.check.rounding import check_rounding, needs_rounding_check
+from neuroada_tools.errors import NeuroAdaError, ParityError
+from neuroada_tools.hf import first_line, load_model, task_config
+from neuroada_tools.hf.signature import first_id_within, input_vocab_size, uses_token_type_ids
+from neuroada_tools.io.sidecar import DeltaSidecar, read_delta, read_index
 from neuroada_tools.train import bypass
 
 
@@ -59,6 +65,12 @@ def _dtype_key(model: torch.nn.Module) -> str:
 def load_unmerged(model_dir: Path, index_path: Path, delta_path: Path, *, mode: str = "reference",
                   trust_remote_code: bool = False):
     """The base model with the sidecars attached (what training produced, before any merge)."""
+    model, task, _ = _load_unmerged(model_dir, index_path, delta_path, mode=mode, trust_remote_code=trust_remote_code)
+    return model, task
+
+
+def _load_unmerged(model_dir: Path, index_path: Path, delta_path: Path, *, mode: str = "reference",
+                   trust_remote_code: bool = False) -> tuple[torch.nn.Module, str, DeltaSidecar]:
     index = read_index(index_path)
     delta = read_delta(delta_path, index)
     task = delta.task or "causal-lm"
@@ -68,7 +80,7 @@ def load_unmerged(model_dir: Path, index_path: Path, delta_path: Path, *, mode: 
     model = load_model(model_dir, task, config=cfg, trust_remote_code=trust_remote_code)
     bypass.attach(model, index, delta, mode=mode)
     model.eval()
-    return model, task
+    return model, task, delta
 
 
 def run_check(
@@ -86,20 +98,22 @@ def run_check(
     raise_on_failure: bool = True,
 ) -> CheckResult:
     """Compare logits; raise ``ParityError`` (exit code 1) if any comparison is over tolerance."""
-    unmerged, task = load_unmerged(Path(model_dir), Path(index_path), Path(delta_path))
+    unmerged, task, delta = _load_unmerged(Path(model_dir), Path(index_path), Path(delta_path))
     key = _dtype_key(unmerged)
     cfg = unmerged.config
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(cfg, "eos_token_id", None)
-    if isinstance(pad, list):
-        pad = pad[0]
-    uses_tt = uses_token_type_ids(unmerged)
-    inputs = make_fresh_inputs(cfg, batch=batch, seq=seq, seed=seed, pad_token_id=pad, with_token_type_ids=uses_tt)
-    if task == "multiple-choice":
-        inputs = {k: v.unsqueeze(1).expand(-1, 2, -1).contiguous() for k, v in inputs.items()}
-        mask = torch.ones(batch, dtype=torch.long)
-    else:
-        mask = inputs["attention_mask"]
-    ref = run_torch(unmerged, inputs)
+    with comparison_errors("unmerged_reference"):
+        vocab = input_vocab_size(unmerged)
+        # the pad id, else eos, where the embedding holds it (tiny models' configs may not)
+        pad = first_id_within([cfg.pad_token_id, getattr(cfg, "eos_token_id", None)], vocab)
+        uses_tt = uses_token_type_ids(unmerged)
+        inputs = make_fresh_inputs(cfg, batch=batch, seq=seq, seed=seed, pad_token_id=pad,
+                                   with_token_type_ids=uses_tt, vocab_size=vocab)
+        if task == "multiple-choice":
+            inputs = {k: v.unsqueeze(1).expand(-1, 2, -1).contiguous() for k, v in inputs.items()}
+            mask = torch.ones(batch, dtype=torch.long)
+        else:
+            mask = inputs["attention_mask"]
+        ref = run_torch(unmerged, inputs)
     result = CheckResult(dtype=key, task=task, batch=batch, seq=seq)
 
     def record(name: str, report: ParityReport, kind: str) -> None:
@@ -111,18 +125,24 @@ def run_check(
         }
 
     if merged_dir is not None:
-        merged = load_model(Path(merged_dir), task)
-        merged.eval()
-        record("merged_vs_unmerged", compare_logits(ref, run_torch(merged, inputs), mask), "merged")
+        with comparison_errors("merged_vs_unmerged"):
+            merged = load_model(Path(merged_dir), task)
+            merged.eval()
+            record("merged_vs_unmerged", compare_logits(ref, run_torch(merged, inputs), mask), "merged")
+        if needs_rounding_check(unmerged, merged):
+            with comparison_errors("merged_vs_unmerged_fp32"):
+                record("merged_vs_unmerged_fp32", check_rounding(unmerged, merged, inputs, mask, delta.dense), "tight")
         del merged
     if onnx_dir is not None:
-        onnx_path = Path(onnx_dir) / "model.onnx"
-        feeds = {k: v for k, v in inputs.items()}
-        record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, feeds, provider), mask), "onnx")
+        with comparison_errors("onnx_vs_unmerged"):
+            onnx_path = Path(onnx_dir) / "model.onnx"
+            feeds = {k: v for k, v in inputs.items()}
+            record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, feeds, provider), mask), "onnx")
         past = Path(onnx_dir) / "model_with_past.onnx"
         if with_past or past.exists():
-            bypass.set_mode(unmerged, "reference")
-            record("onnx_with_past_step", check_with_past(unmerged, past, inputs, provider=provider), "onnx")
+            with comparison_errors("onnx_with_past_step"):
+                bypass.set_mode(unmerged, "reference")
+                record("onnx_with_past_step", check_with_past(unmerged, past, inputs, provider=provider), "onnx")
     if raise_on_failure and not result.passed:
         bad = [f"{n}: max abs {c['max_abs']:.3g} > tolerance {c['tolerance']:.3g} "
                f"(argmax agreement {100 * c['argmax_agreement']:.1f}%)"
@@ -131,12 +151,31 @@ def run_check(
     return result
 
 
+@contextmanager
+def comparison_errors(name: str) -> Iterator[None]:
+    """Turn an unexpected exception inside one comparison into a one-line ``ParityError`` naming it.
+
+    Errors of this project (``NeuroAdaError``: already one line) pass through unchanged, as do
+    ``KeyboardInterrupt`` and ``SystemExit``. Example: an ``IndexError`` in the merged model's
+    forward becomes ``parity check 'merged_vs_unmerged' failed: IndexError: index out of range in
+    self`` (exit code 1 from the CLI, no traceback; the original stays chained as ``__cause__``).
+    """
+    try:
+        yield
+    except NeuroAdaError:
+        raise
+    except Exception as e:
+        kind, text = type(e).__name__, first_line(e)
+        raise ParityError(f"parity check {name!r} failed: {kind}" + ("" if text == kind else f": {text}")) from e
+
+
 def human(result: dict) -> str:
     lines = [f"parity ({result['dtype']}, {result['task']}, fresh inputs batch {result['batch']} x seq "
         f"{result['seq']}, padded):"]
+    width = max([22, *map(len, result["comparisons"])])
     for n, c in result["comparisons"].items():
         lines.append(
-            f"  {n:22s} max abs {c['max_abs']:.3e}  max rel {c['max_rel']:.3e}  argmax "
+            f"  {n:{width}s} max abs {c['max_abs']:.3e}  max rel {c['max_rel']:.3e}  argmax "
                 f"{100 * c['argmax_agreement']:.1f}%  "
             f"tol {c['tolerance']:.1e}  {'ok' if c['passed'] else 'FAILED'}"
         )

@@ -9,8 +9,10 @@ from torch import nn
 from neuroada_tools.errors import ModelError
 from neuroada_tools.hf.signature import (
     cache_kwarg,
+    first_id_within,
     flat_cache,
     forward_params,
+    input_vocab_size,
     num_hidden_layers,
     output_cache,
     position_ids_from_mask,
@@ -69,12 +71,15 @@ class LogitsWithPast(nn.Module):
 
 
 def example_inputs(model: nn.Module, batch: int, seq: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random ids with the last row right-padded (sizes >= 2 so no axis is specialised to 0/1)."""
+    """Random ids with the last row right-padded (sizes >= 2 so no axis is specialised to 0/1).
+
+    Every id is one the input embedding holds: a config ``pad_token_id`` outside it is replaced by 0.
+    """
     config = model.config
     gen = torch.Generator().manual_seed(seed)
-    vocab = int(config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size)
-    pad = getattr(config, "pad_token_id", None)
-    pad = 0 if pad is None else int(pad)
+    vocab = input_vocab_size(model)
+    pad = first_id_within([getattr(config, "pad_token_id", None)], vocab)
+    pad = 0 if pad is None else pad
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     if vocab > 1:
         ids = torch.where(ids == pad, (ids + 1) % vocab, ids)

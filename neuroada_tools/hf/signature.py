@@ -86,3 +86,32 @@ def num_hidden_layers(config) -> int:
     if not isinstance(n, int) or n <= 0:
         raise ModelError(f"config has no usable num_hidden_layers (found {n!r})")
     return n
+
+
+def input_vocab_size(model: nn.Module) -> int:
+    """How many token ids ``model`` can look up: the row count of its input embedding, else the
+    (text) config's ``vocab_size``. Example: GPT-2 with ``vocab_size=96`` -> 96, whatever ids its
+    config gives bos/eos/pad (tiny test models often hold 50256 there)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and rows > 0:
+        return rows
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def first_id_within(candidates: list, vocab: int) -> int | None:
+    """The first candidate token id in ``[0, vocab)``; a candidate may be None, an int, or a list of
+    ints (several ``eos_token_id``). None when no candidate lies in the vocabulary.
+
+    Example: ``first_id_within([50257, [50256, 3]], 96)`` -> 3; ``first_id_within([None], 96)`` -> None.
+    """
+    for c in candidates:
+        for i in c if isinstance(c, (list, tuple)) else [c]:
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab:
+                return i
+    return None
