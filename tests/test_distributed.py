@@ -145,25 +145,6 @@ def test_two_processes_equal_one_with_the_same_global_batch(inputs, tmp_path, mo
     assert names == sorted(f"{n}.{kind}.safetensors" for n in runs for kind in ("delta", "state"))
 
 
-def test_a_state_written_on_two_processes_resumes_on_one(inputs, tmp_path):
-    straight = single(args(inputs, "llama", tmp_path / "s.delta.safetensors", "--batch-size", 8, "--max-steps", 6))
-    assert straight.returncode == 0, straight.stderr
-    out = tmp_path / "r" / "r.delta.safetensors"
-    out.parent.mkdir()
-    # 2 processes stop after 3 of 6 steps: --max-steps 6 with a rank killed would do the same; here
-    # a 3-step run (schedule of 6 recorded? no: the schedule follows --max-steps) is replaced by
-    # the kill test below, so this one stops the run through --save-every and a killed launcher.
-    run = torchrun(args(inputs, "llama", out, "--batch-size", 2, "--grad-accum", 2, "--max-steps", 6,
-                        "--save-every", 3), popen=True)
-    stopped_at = _kill_after_checkpoint(run, out, step=3)
-    assert stopped_at >= 3
-    resumed = single(args(inputs, "llama", out, "--batch-size", 8, "--max-steps", 6, "--resume"))
-    if stopped_at < 6:
-        assert resumed.returncode == 0, resumed.stderr
-        assert json.loads(resumed.stdout)["start_step"] == stopped_at
-    assert_same_training(out, tmp_path / "s.delta.safetensors")
-
-
 def _state_step(out: Path) -> int | None:
     from neuroada_tools.io.state import read_state, state_path
 
@@ -173,17 +154,107 @@ def _state_step(out: Path) -> int | None:
         return None
 
 
-def _kill_after_checkpoint(run: subprocess.Popen, out: Path, step: int) -> int:
-    """Once the checkpoint of ``step`` is complete, kill the whole launcher group (-9); return the
-    step of the checkpoint left on disk."""
+def _workers(launcher: subprocess.Popen) -> list[int]:
+    """The worker processes torchrun started (children of its process)."""
+    out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _kill_a_rank_after_checkpoint(run: subprocess.Popen, out: Path, step: int) -> None:
+    """Once the checkpoint of ``step`` is complete, kill -9 one worker (the last one started)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and run.poll() is None:
         s = _state_step(out)
         if s is not None and s >= step:
-            os.killpg(run.pid, signal.SIGKILL)
-            break
+            workers = _workers(run)
+            assert len(workers) == 2, workers
+            os.kill(workers[-1], signal.SIGKILL)
+            return
         time.sleep(0.005)
-    run.wait(timeout=60)
-    s = _state_step(out)
-    assert s is not None, run.stderr.read() if run.stderr else ""
-    return s
+    pytest.fail(f"no checkpoint of step {step} appeared: {run.communicate()[1][-2000:]}")
+
+
+LONG = ("--batch-size", 2, "--max-steps", 40, "--save-every", 4, "--warmup-ratio", 0.1, "--lr", 2e-3)
+
+
+def test_a_killed_rank_ends_the_run_and_resume_continues_on_another_world_size(inputs, tmp_path):
+    out = tmp_path / "r" / "r.delta.safetensors"
+    out.parent.mkdir()
+    run = torchrun(args(inputs, "llama", out, *LONG), popen=True)
+    _kill_a_rank_after_checkpoint(run, out, step=4)
+    killed = time.monotonic()
+    try:
+        _, stderr = run.communicate(timeout=60)  # the run exits within a minute ...
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode != 0 and time.monotonic() - killed < 60
+    # ... leaving the last complete checkpoint (both files of one step) and nothing else
+    from neuroada_tools.io.sidecar import read_delta, read_index
+
+    saved = _state_step(out)
+    assert saved is not None and saved % 4 == 0 and saved < 40
+    assert read_delta(out, read_index(inputs["index:llama"])).info["steps"] == saved
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.delta.safetensors", "r.state.safetensors"]
+    # one process with the same global batch (4) continues where the two stopped
+    resumed = single(args(inputs, "llama", out, *LONG[2:], "--batch-size", 4, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["start_step"] == saved
+    straight = single(args(inputs, "llama", tmp_path / "s.delta.safetensors", *LONG[2:], "--batch-size", 4))
+    assert straight.returncode == 0, straight.stderr
+    assert_same_training(out, tmp_path / "s.delta.safetensors")
+
+
+def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(inputs, tmp_path):
+    out = tmp_path / "e.delta.safetensors"
+    run = torchrun(args(inputs, "llama", out, *LONG), restarts=1, popen=True)
+    _kill_a_rank_after_checkpoint(run, out, step=4)
+    stdout, stderr = run.communicate(timeout=240)
+    assert run.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["steps"] == 40 and summary["start_step"] >= 4  # the restarted group resumed
+    straight = single(args(inputs, "llama", tmp_path / "s.delta.safetensors", *LONG[2:], "--batch-size", 4))
+    assert straight.returncode == 0, straight.stderr
+    assert_same_training(out, tmp_path / "s.delta.safetensors")
+
+
+def _one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
+    assert 'neuroada_tools/' not in result.stderr  # no traceback from any rank
+
+
+def test_fsdp_without_torchrun_is_refused(inputs, tmp_path):
+    r = single(args(inputs, "llama", tmp_path / "x.delta.safetensors", "--fsdp"))
+    _one_line_error(r, "--fsdp shards the model over processes started by torchrun")
+    assert r.returncode == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_examples_the_ranks_cannot_share_are_refused_before_training(inputs, tmp_path):
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": t} for t in TEXTS[:7]])
+    argv = args(inputs, "llama", tmp_path / "x.delta.safetensors", "--batch-size", 2)
+    argv[argv.index("--data") + 1] = str(odd)
+    _one_line_error(torchrun(argv), "7 examples in global micro-batches of 2 x 2 ranks leave 3")
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": TEXTS[0]}])
+    argv[argv.index("--data") + 1] = str(one)
+    _one_line_error(torchrun(argv), "world size 2 is larger than the 1 training examples")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.jsonl", "one.jsonl"]
+
+
+def test_ranks_reading_different_files_are_refused(inputs, tmp_path):
+    for rank in (0, 1):  # the same name on two "machines": here, a file chosen by RANK
+        write_jsonl(tmp_path / f"data{rank}.jsonl", [{"text": t} for t in TEXTS[rank:] + TEXTS[:rank]])
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys\n"
+        "from neuroada_tools.cli import main\n"
+        f"argv = {args(inputs, 'llama', tmp_path / 'x.delta.safetensors')!r}\n"
+        f"argv[argv.index('--data') + 1] = '{tmp_path}/data' + os.environ['RANK'] + '.jsonl'\n"
+        "sys.argv = ['neuroada-tools', *argv]\n"
+        "main()\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    _one_line_error(r, "rank 1 reads another data file than rank 0")
+    assert not (tmp_path / "x.delta.safetensors").exists()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from neuroada_tools.cli import main
-from neuroada_tools.errors import DataError, FingerprintError, TrainingError
+from neuroada_tools.errors import DataError, FingerprintError, ModelError, TrainingError
 from neuroada_tools.index.build import run_index
 from neuroada_tools.io.safetensors_file import read_all, read_header
 from neuroada_tools.io.sidecar import read_delta, read_index
@@ -472,3 +472,12 @@ def test_instruction_data_prompt_masking_and_train_on_prompt(fixture_models, wor
         AutoTokenizer.from_pretrained(fixture_models["llama"])("Paris.", add_special_tokens=False).input_ids
     )
     assert s.steps == 2 and s.target_tokens == 2 * 2 * (n_response + 1)
+
+
+def test_max_length_defaults_to_the_model_positions_when_fewer_than_256(fixture_models, work, tmp_path):
+    # the fixtures hold 64 positions: no --max-length trains at 64; an explicit 65 is refused
+    out = tmp_path / "m.delta.safetensors"
+    s = train(config(fixture_models, work, "llama", out, max_length=None, max_steps=1))
+    assert s.steps == 1 and read_delta(out).info["max_length"] == 64
+    with pytest.raises(ModelError, match="--max-length 65 is longer than the model's 64 positions"):
+        train(config(fixture_models, work, "llama", tmp_path / "n.delta.safetensors", max_length=65))

@@ -66,6 +66,12 @@ class Dist:
         return self.rank == 0
 
 
+def restarted() -> bool:
+    """Whether torchrun restarted this worker group (``--max-restarts``): train then resumes from the
+    last checkpoint beside the output, where there is one."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def launched() -> bool:
     """Whether this process was started by ``torchrun`` (or set up as if it were)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -142,6 +148,8 @@ def same_everywhere(dist: Dist, digests: dict[str, str]) -> None:
     for rank, theirs in enumerate(everyone):
         for what, digest in everyone[0].items():
             if theirs.get(what) != digest:
+                if not dist.is_main:
+                    raise PeerFailed("ranks read different files")
                 raise TrainingError(
                     f"rank {rank} reads another {what} than rank 0 (sha256 {str(theirs.get(what))[:12]}... vs "
                     f"{digest[:12]}...); every machine needs the same files"

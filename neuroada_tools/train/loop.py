@@ -119,6 +119,8 @@ def _model_digest(ckpt) -> str:
 
 def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> TrainSummary:
     model_dir, output, state_file = Path(cfg.model), Path(cfg.output), state_path(cfg.output)
+    if distributed.restarted() and not cfg.resume and state_file.is_file():  # torchrun --max-restarts
+        cfg = dataclasses.replace(cfg, resume=True, force=False)
     error: BaseException | None = None
     try:  # every rank does steps 1-4; a failure anywhere stops every rank before training
         # ---- 1. outputs, index and base --------------------------------------------------------
