@@ -97,7 +97,7 @@ def train(
     every step (a progress bar). Raises ``OutputError``, ``SidecarError``/``FingerprintError``,
     ``ModelError``, ``DataError`` before anything is trained or written, and ``TrainingError``
     when the loss becomes NaN or a resume state does not fit. Under torchrun every rank calls it
-    (``train/distributed.py``); the callbacks then matter on rank 0 only.
+    (``train/distributed.py``) and gets the callbacks (the CLI shows a bar on rank 0 only).
     """
     cfg.check()
     dist = distributed.start(cfg.fsdp, cfg.dist_timeout, cfg.device)
@@ -244,7 +244,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
 
     # ---- 5. the loop ------------------------------------------------------------------------------
     model.train()
-    if on_start and dist.is_main:
+    if on_start:
         on_start(total_steps, step)
     losses: list[float] = []
     order, order_epoch = [], -1
@@ -272,7 +272,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
             first_loss = result.loss
         last_loss = result.loss
         losses.append(result.loss)
-        if on_step and dist.is_main:
+        if on_step:
             on_step(StepInfo(step, total_steps, result.loss, lr))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint()

@@ -3,6 +3,7 @@ them, and collect the trained deltas into a sidecar."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,8 @@ def _bypassed(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class _AttachState:
     """What ``attach`` changed outside the adapted modules, so ``detach`` can undo it."""
 
-    requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
+    # weak references: a parameter replaced since (FSDP2 shards into new ones) must be freeable
+    requires_grad: dict[int, tuple[weakref.ref, bool]] = field(default_factory=dict)
     dense_backup: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
 
 
@@ -69,7 +71,7 @@ def attach(
     # everything checked: now change the model
     state = _AttachState()
     for p in model.parameters():
-        state.requires_grad[id(p)] = (p, p.requires_grad)
+        state.requires_grad[id(p)] = (weakref.ref(p), p.requires_grad)
     with torch.no_grad():
         for _, p, t in dense_plan:
             state.dense_backup.append((p, p.detach().clone()))
@@ -194,8 +196,10 @@ def _undo(state: _AttachState, *, keep_merged: bool) -> None:
         if not keep_merged:
             for p, backup in state.dense_backup:
                 p.copy_(backup)
-    for p, flag in state.requires_grad.values():
-        p.requires_grad_(flag)
+    for ref, flag in state.requires_grad.values():
+        p = ref()
+        if p is not None:
+            p.requires_grad_(flag)
 
 
 def detach(model: nn.Module) -> None:
