@@ -1,6 +1,8 @@
 """Cost of the NeuroAda bypass against a frozen base, the authors' scatter_add, Super-Tuning and LoRA.
 
-Run: ``python bench/bench_bypass.py [--quick] [--out FILE]``. fp32, CPU, 2 threads. Everything a
+Run: ``python bench/bench_bypass.py [--quick] [--out FILE]``; ``--train-loop [--loop-steps 5,45]``
+times the CLI's own loop instead (``bench/train_loop.py``: ``train()``'s marginal step on the 50M
+Llama against a frozen forward+backward). fp32, CPU, 2 threads. Everything a
 table compares is measured in one process, on the same inputs, with repetitions interleaved
 (the order rotates every repetition); ratios are medians of per-repetition ratios to the frozen
 base of the same repetition, so a noisy neighbour slows every method of that repetition alike.
@@ -39,6 +41,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from neuroada_tools.kernels.native import shorten_openmp_spin  # noqa: E402
 
 shorten_openmp_spin()  # as the CLI does, before torch is imported; applies to every method alike
@@ -433,6 +436,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     ap.add_argument("--reps", type=int, help="repetitions per measurement")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--train-loop", action="store_true",
+                    help="time the CLI's own loop (train()) on the 50M Llama instead (bench/train_loop.py)")
+    ap.add_argument("--loop-steps", default="5,45", help="--train-loop: the two run lengths (default 5,45)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=256, help=argparse.SUPPRESS)
@@ -441,6 +447,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(json.loads(args.cfg), args.seq, args.k, args.rss_child)
+        return
+    if args.train_loop:
+        from train_loop import bench_train_loop
+
+        s1, s2 = (int(v) for v in args.loop_steps.split(","))
+        text = bench_train_loop((s1, s2), args.reps or 5, args.quick)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
         return
 
     cfg_kw = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,

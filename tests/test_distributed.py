@@ -209,7 +209,11 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(inputs, tmp_path
     out = tmp_path / "e.delta.safetensors"
     run = torchrun(args(inputs, "llama", out, *LONG), restarts=1, popen=True)
     _kill_a_rank_after_checkpoint(run, out, step=4)
-    stdout, stderr = run.communicate(timeout=240)
+    try:
+        stdout, stderr = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:  # never leave a hung group behind
+            os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)
     assert summary["steps"] == 40 and summary["start_step"] >= 4  # the restarted group resumed

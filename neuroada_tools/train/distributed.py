@@ -93,8 +93,14 @@ def start(fsdp: bool, timeout_s: float, device_name: str) -> Dist:
     if not torch.distributed.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(torch.distributed.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun keeps one store across --max-restarts: a restarted group must not read the
+        # addresses its killed predecessor left there (gloo then waits on them until the timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         torch.distributed.init_process_group(
-            backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            backend="nccl" if cuda else "gloo", store=torch.distributed.PrefixStore(f"neuroada/{attempt}", store),
+            rank=rank, world_size=world, timeout=timeout,
         )
     return Dist(rank=rank, world=world, local_rank=local_rank, fsdp=fsdp)
 
