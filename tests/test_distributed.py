@@ -138,6 +138,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(inputs, tmp_path, mo
     s1, s2 = json.loads(one.stdout), json.loads(ddp.stdout)
     assert (s2["world_size"], s2["batch_size"], s2["global_batch"]) == (2, 4, 8)
     assert (s1["world_size"], s1["global_batch"]) == (1, 8)
+    # FSDP2 shards the frozen base: rank 0 holds about half of it (DDP: all of it)
+    assert s2["base_bytes"] == s1["base_bytes"] and json.loads(fsdp.stdout)["base_bytes"] <= 0.6 * s2["base_bytes"]
     assert s2["tokens"] == s1["tokens"] and s2["target_tokens"] == s1["target_tokens"]
     assert abs(s2["last_loss"] - s1["last_loss"]) <= 1e-4 * abs(s1["last_loss"])
     names = sorted(p.name for p in tmp_path.iterdir())

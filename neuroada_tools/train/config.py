@@ -153,6 +153,7 @@ class TrainSummary:
     batch_size: int = 0  # per-process micro-batch
     grad_accum: int = 1
     global_batch: int = 0  # batch_size x grad_accum x world_size examples per optimizer step
+    base_bytes: int = 0  # bytes of frozen base weights this process holds (FSDP2: its shards)
     label_names: list[str] | None = None
     eval: dict | None = None  # {"examples", "loss", "accuracy" (classification, multiple choice)}
     losses: list[float] = field(default_factory=list)  # per step, this run

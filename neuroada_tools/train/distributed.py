@@ -248,6 +248,12 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.M
     )
 
 
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` this process holds: its shard for an FSDP2 parameter."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2-sharded one (a collective: every rank calls it, in the same
     order); any other tensor as it is."""

@@ -192,6 +192,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    base_bytes = sum(distributed.local_bytes(p) for p in model.parameters() if not p.requires_grad)
     delta_params = sum(p.numel() for n, p in named if n not in head)
     head_params = sum(p.numel() for n, p in named if n in head)
 
@@ -291,7 +292,8 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
         last_loss=last_loss, trainable_parameters=delta_params + head_params,
         delta_parameters=delta_params, head_parameters=head_params, lr=cfg.lr, seed=cfg.seed,
         device=str(device), dtype=cfg.dtype, world_size=dist.world, batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum, global_batch=step_examples, label_names=label_names, eval=eval_result,
+        grad_accum=cfg.grad_accum, global_batch=step_examples, base_bytes=base_bytes, label_names=label_names,
+        eval=eval_result,
         losses=losses,
     )
 
