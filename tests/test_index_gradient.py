@@ -182,6 +182,20 @@ def test_data_options_only_with_gradient_and_gradient_needs_data(fixture_models,
     code, _, stderr = cli("index", fixture_models["llama"], "-k", K, "--criterion", "gradient", "--data",
                           data["text"], "--max-length", 65, "-o", out)
     assert "--max-length 65 is longer than the model's 64 positions" in one_line(code, stderr)
+    shard = fixture_models["llama"] / "model-00001-of-00004.safetensors"  # not what transformers loads
+    code, _, stderr = cli("index", shard, "-k", K, "--criterion", "gradient", "--data", data["text"], "-o", out)
+    assert one_line(code, stderr) == (
+        f"error: {shard}: is not the checkpoint transformers loads from {shard.parent}; give the model folder instead"
+    )
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((fixture_models["bert-cls"] / "model.safetensors").read_bytes())
+    code, _, stderr = cli("index", bare, "-k", K, "--criterion", "gradient", "--data", data["cls"], "-o", out)
+    assert one_line(code, stderr) == (
+        f"error: {bare}: --criterion gradient loads the model with transformers and needs its folder "
+        "(config.json, weights, tokenizer); no config.json there"
+    )
+    assert not out.exists()
     single = fixture_models["bert-cls"] / "model.safetensors"  # a file is fine where it is the folder's checkpoint
     assert cli("index", single, "-k", K, "--criterion", "gradient", "--data", data["cls"], *CALIBRATION, "-q",
                "-o", out)[0] == 0

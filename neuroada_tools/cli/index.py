@@ -111,10 +111,11 @@ def _gradient(model, k, output, quiet: bool, as_json: bool, options: dict, commo
 
     if options["data"] is None:
         raise OptionError("--criterion gradient needs --data FILE (the calibration examples)")
+    trust_remote_code = bool(options["trust_remote_code"])  # the user's flag, off by default
     calibration = Calibration(
         data=options["data"],
         task=options["task"],
-        trust_remote_code=bool(options["trust_remote_code"]),
+        trust_remote_code=trust_remote_code,
         **{name: options[opt] for name, opt in (("examples", "calibration_examples"), ("batch_size", "batch_size"),
                                                 ("max_length", "max_length"), ("device", "device"))
            if options[opt] is not None},
