@@ -39,6 +39,10 @@ class OutputError(NeuroAdaError):
     """An output path exists, is an input, or lies inside the base model folder."""
 
 
+class OptionError(NeuroAdaError):
+    """Command-line options that do not go together (e.g. ``--data`` without ``--criterion gradient``)."""
+
+
 class ModelError(NeuroAdaError):
     """A model folder cannot be loaded or does not fit the sidecars."""
 

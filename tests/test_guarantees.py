@@ -3,7 +3,7 @@
 - No unpickling anywhere: an AST scan of ``neuroada_tools/`` for pickle-family imports,
   ``torch.load``, ``weights_only=False``, ``allow_pickle``, ``eval``/``exec``, ``yaml.load``; and a
   hostile model folder (a pickle bomb ``pytorch_model.bin``, ``auto_map`` code) taken through
-  index, train-sparse, merge and check without running any of it.
+  index (magnitude and gradient), train-sparse, merge and check without running any of it.
 - ``trust_remote_code`` is only ever the user's ``--trust-remote-code`` flag (default off).
 - Disk full: ``index``, ``train-sparse`` and ``merge`` (both targets) writing to a 4 MB tmpfs give
   one line, exit 2, and leave nothing in the output folder. Skipped (with the reason) where the
@@ -267,6 +267,9 @@ def test_hostile_model_folder_runs_no_code_and_no_pickle(fixture_models, tmp_pat
     code, out, err = cli("merge", "--model", base, "--index", ip, "--delta", dp, "-o", tmp_path / "merged", "-q")
     assert code == 0, err
     assert not (tmp_path / "merged" / "evil.py").exists()
+    code, out, err = cli("index", base, "-k", "2", "--criterion", "gradient", "--data", data, "--max-length", "16",
+                         "--device", "cpu", "-o", tmp_path / "g.index.safetensors", "-q")
+    assert code == 0, err
     assert not marker.exists(), marker.read_text()
 
 

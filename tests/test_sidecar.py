@@ -158,7 +158,8 @@ def _with(tmp_path, meta_changes=None, tensor=None, name=NAME):
         ({"neuroada.version": "2"}, "unsupported format version '2' (this tool reads 1)"),
         ({"neuroada.k": "0"}, "neuroada.k must be an integer >= 1, found '0'"),
         ({"neuroada.k": "3.5"}, "neuroada.k must be an integer >= 1, found '3.5'"),
-        ({"neuroada.criterion": "gradient"}, "neuroada.criterion 'gradient' not one of magnitude, smallest, random"),
+        ({"neuroada.criterion": "saliency"},
+         "neuroada.criterion 'saliency' not one of magnitude, smallest, random, gradient"),
         ({"neuroada.criterion": "random", "neuroada.seed": ""}, "criterion 'random' requires neuroada.seed"),
         ({"neuroada.tensors": None}, "missing neuroada.tensors metadata"),
         ({"neuroada.tensors": "{"}, "neuroada.tensors is not valid JSON"),
@@ -166,6 +167,58 @@ def _with(tmp_path, meta_changes=None, tensor=None, name=NAME):
     ],
 )
 def test_index_metadata_rules(tmp_path, changes, message):
+    p = _with(tmp_path, changes)
+    with pytest.raises(SidecarError, match=re.escape(f"bad.index.safetensors: {message}")):
+        read_index(p)
+
+
+CALIBRATION = {"batch_size": 8, "data_sha256": "ab" * 32, "examples": 256, "max_length": 256, "task": "causal-lm"}
+
+
+def _calibration(**kw) -> str:
+    doc = {**CALIBRATION, **kw}
+    return json.dumps({k: v for k, v in doc.items() if v is not None})
+
+
+def test_gradient_index_roundtrips_its_calibration(tmp_path):
+    index, _, _ = make_index(tmp_path)
+    index.criterion, index.calibration = "gradient", dict(CALIBRATION)
+    p = tmp_path / "g.index.safetensors"
+    write_index(p, index)
+    back = read_index(p)
+    assert back.criterion == "gradient" and back.calibration == CALIBRATION and back.seed is None
+    assert read_index(make_index(tmp_path)[2]).calibration is None  # files without the key still read
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"neuroada.criterion": "gradient"}, "criterion 'gradient' requires neuroada.calibration"),
+        ({"neuroada.calibration": _calibration()}, "neuroada.calibration is only for criterion 'gradient', "
+         "found 'magnitude'"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": "{"}, "neuroada.calibration is not valid JSON"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": "[]"},
+         "neuroada.calibration must be an object with keys batch_size, data_sha256, examples, max_length, task, "
+         "found 'list'"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": _calibration(task=None)},
+         "neuroada.calibration must be an object with keys batch_size, data_sha256, examples, max_length, task, "
+         "found ['batch_size', 'data_sha256', 'examples', 'max_length']"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": _calibration(seed=3)},
+         "neuroada.calibration must be an object with keys batch_size, data_sha256, examples, max_length, task, "
+         "found ['batch_size', 'data_sha256', 'examples', 'max_length', 'seed', 'task']"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": _calibration(examples=0)},
+         "neuroada.calibration examples must be an integer >= 1, found 0"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": _calibration(batch_size=True)},
+         "neuroada.calibration batch_size must be an integer >= 1, found True"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": _calibration(max_length="256")},
+         "neuroada.calibration max_length must be an integer >= 1, found '256'"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": _calibration(data_sha256="AB" * 32)},
+         "neuroada.calibration data_sha256 must be 64 lowercase hex digits"),
+        ({"neuroada.criterion": "gradient", "neuroada.calibration": _calibration(task="translation")},
+         "neuroada.calibration task 'translation' not one of causal-lm, classification, multiple-choice"),
+    ],
+)
+def test_index_calibration_rules(tmp_path, changes, message):
     p = _with(tmp_path, changes)
     with pytest.raises(SidecarError, match=re.escape(f"bad.index.safetensors: {message}")):
         read_index(p)

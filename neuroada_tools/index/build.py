@@ -6,6 +6,10 @@ For each target weight: read its bytes (one copy, no mmap of the shard), view it
 target tensor (one reused read buffer) plus that tensor's indices: ``run_index`` streams each
 tensor's indices into the output file as soon as they are made (``IndexStreamWriter``), so the
 whole index (108 MB for LLaMA-7B at k=20) is never held.
+
+The ``gradient`` criterion scores the weights on calibration data first (``index/gradient.py``)
+and hands the scores to ``_build``, which ranks them with the same per-row top-k and writes the
+same fingerprints of the base weights.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from neuroada_tools.errors import TargetError
-from neuroada_tools.index.criteria import CRITERIA, select
+import torch
+
+from neuroada_tools.errors import TargetError, TrainingError
+from neuroada_tools.index.criteria import WEIGHT_CRITERIA, select
 from neuroada_tools.index.targets import Target, resolve_targets
 from neuroada_tools.io.checkpoint import Checkpoint, open_checkpoint
 from neuroada_tools.io.outputs import atomic_file, check_output
@@ -42,6 +48,9 @@ class IndexSummary:
     clipped: list[str]
     seconds: float = 0.0
     selection_kernel: str = "native"  # "native" (compiled C) or "torch" (no C compiler: slower)
+    #: criterion ``gradient``: the sidecar's ``neuroada.calibration`` plus the calibration's
+    #: ``target_count`` (tokens or examples the loss summed over) and ``mean_loss``; else None
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,14 +102,22 @@ def _build(
     seed: int | None,
     progress: Progress | None = None,
     output: Path | None = None,
+    *,
+    scores: dict[str, torch.Tensor] | None = None,
+    calibration: dict | None = None,
 ) -> IndexSidecar:
     """Select and fingerprint every target, one tensor at a time.
 
     With ``output`` the indices are streamed into that file as they are made (``IndexStreamWriter``)
     and the returned sidecar's ``indices`` stay empty; without it they are kept in memory.
+    With ``scores`` (criterion ``gradient``: non-negative fp32, stored orientation, one per target)
+    each row's top-k is taken on the score instead of the weight, ties to the lower column; each
+    score is dropped from the dict once used. The fingerprints are those of the base weights always.
     """
-    if criterion not in CRITERIA:
-        raise TargetError(f"unknown criterion {criterion!r} (choose {', '.join(CRITERIA)})")
+    if scores is None and criterion == "gradient":
+        raise TargetError("criterion 'gradient' needs calibration data (index/gradient.py: run_gradient_index)")
+    if scores is None and criterion not in WEIGHT_CRITERIA:
+        raise TargetError(f"unknown criterion {criterion!r} (choose {', '.join(WEIGHT_CRITERIA)})")
     if criterion == "random" and seed is None:
         seed = 0
     index = IndexSidecar(
@@ -110,6 +127,7 @@ def _build(
         entries={t.name: TensorEntry((t.d_out, t.d_in), t.layout, ckpt.tensors[t.name].dtype, "") for t in targets},
         seed=seed if criterion == "random" else None,
         model_type=str((ckpt.config or {}).get("model_type", "")),
+        calibration=calibration,
     )
     writer = IndexStreamWriter(output, index, ks) if output is not None else None
     try:
@@ -117,7 +135,10 @@ def _build(
         for t in sorted(targets, key=lambda t: t.name):
             stored = ckpt.read(t.name, buffer)
             logical = stored.t() if t.transposed else stored
-            idx = select(logical, ks[t.name], criterion, seed=seed, salt=t.name)
+            if scores is not None:
+                idx = _select_scores(t, scores.pop(t.name), ks[t.name])
+            else:
+                idx = select(logical, ks[t.name], criterion, seed=seed, salt=t.name)
             fp = fingerprint(logical, idx)
             if writer is not None:
                 writer.write(t.name, idx, fp)
@@ -134,6 +155,13 @@ def _build(
             writer.abort()
         raise
     return index
+
+
+def _select_scores(t: Target, score: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-row top-k of a non-negative fp32 score in stored orientation (ties to the lower column)."""
+    if not bool(torch.isfinite(score).all()):
+        raise TrainingError(f"{t.name!r}: the gradient score is NaN or infinite; check the data and the model")
+    return select(score.t() if t.transposed else score, k, "magnitude")
 
 
 def run_index(

@@ -20,7 +20,9 @@ keys) that returns the same indices; rows are split over ``torch.get_num_threads
 Where no C compiler is available a torch path runs instead. Both live in ``kernels/topk.py``,
 behind the torch op ``neuroada::select_rows``.
 
-Left out: gradient-based selection (it needs data and a backward pass, so it belongs to training).
+Gradient-based selection needs data and a backward pass: ``index/gradient.py`` computes its
+scores and then ranks them with the same per-row top-k (``select(scores, k, "magnitude")``: the
+scores are non-negative fp32, so their magnitude order is their order).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ import torch
 from neuroada_tools.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.neuroada.*)
 from neuroada_tools.kernels.topk import magnitude_bits  # noqa: F401  (re-exported)
 
-CRITERIA = ("magnitude", "smallest", "random")
+#: Criteria computed from the weights alone (``select`` takes these).
+WEIGHT_CRITERIA = ("magnitude", "smallest", "random")
+#: Every criterion an index sidecar may record; ``gradient`` needs calibration data (``index/gradient.py``).
+CRITERIA = (*WEIGHT_CRITERIA, "gradient")
 _ROW_CHUNK = 256  # rows per step of the random draw
 
 def select(

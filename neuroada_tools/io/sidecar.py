@@ -20,6 +20,7 @@ import torch
 
 from neuroada_tools import __version__
 from neuroada_tools.errors import FingerprintError, SidecarError
+from neuroada_tools.hf import TASKS
 from neuroada_tools.index.criteria import CRITERIA
 from neuroada_tools.io.jsontext import parse_json
 from neuroada_tools.io.safetensors_file import StreamingWriter, read_all, read_header, short_repr, write_file
@@ -33,6 +34,8 @@ FINGERPRINT_ROWS = 16
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_D_IN = 2**31 - 1  # I4: column indices are int32 (and torch compares them to d_in in int32)
 MAX_D_OUT = 2**63 - 1
+#: ``neuroada.calibration`` (criterion ``gradient``): its keys and the check each value passes
+CALIBRATION_KEYS = ("batch_size", "data_sha256", "examples", "max_length", "task")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class IndexSidecar:
     entries: dict[str, TensorEntry]
     seed: int | None = None
     model_type: str = ""
+    #: criterion ``gradient`` only: how the scores were computed (``CALIBRATION_KEYS``), else None
+    calibration: dict | None = None
     digest: str = ""  # SHA-256 of the file bytes; set by read_index / write_index
     #: names whose index rows passed ``check_rows`` (read_index fills it): rows are validated once
     checked: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -127,8 +132,11 @@ def file_digest(path: Path) -> str:
 
 
 def index_metadata(index: IndexSidecar) -> dict[str, str]:
-    """The ``__metadata__`` of an index sidecar (formats/index-v1.md); ``index.indices`` unused."""
-    return {
+    """The ``__metadata__`` of an index sidecar (formats/index-v1.md); ``index.indices`` unused.
+
+    ``neuroada.calibration`` is written only for an index that has one (criterion ``gradient``), so
+    the other criteria give the same bytes as before the key existed."""
+    meta = {
         "neuroada.magic": INDEX_MAGIC,
         "neuroada.version": str(FORMAT_VERSION),
         "neuroada.k": str(index.k),
@@ -149,6 +157,9 @@ def index_metadata(index: IndexSidecar) -> dict[str, str]:
         ),
         "neuroada.writer": f"neuroada-tools {__version__}",
     }
+    if index.calibration is not None:
+        meta["neuroada.calibration"] = json.dumps(index.calibration, sort_keys=True, separators=(",", ":"))
+    return meta
 
 
 def write_index(path: Path, index: IndexSidecar) -> str:
@@ -249,6 +260,7 @@ def read_index(path: Path | str) -> IndexSidecar:
         seed = _int_field(label, meta, "neuroada.seed", minimum=0)
     elif criterion == "random":
         raise SidecarError(f"{label}: criterion 'random' requires neuroada.seed")
+    calibration = _parse_calibration(label, meta.get("neuroada.calibration"), criterion)
     entries = _parse_entries(label, meta.get("neuroada.tensors"))
     if not tensors:
         raise SidecarError(f"{label}: holds no tensors")
@@ -269,6 +281,7 @@ def read_index(path: Path | str) -> IndexSidecar:
         entries=entries,
         seed=seed,
         model_type=meta.get("neuroada.model_type", ""),
+        calibration=calibration,
         digest=digest,
         checked=set(tensors),
     )
@@ -279,6 +292,40 @@ def _int_field(label: str, meta: dict[str, str], key: str, minimum: int) -> int:
     if raw is None or not re.fullmatch(r"[0-9]{1,12}", raw) or int(raw) < minimum:
         raise SidecarError(f"{label}: {key} must be an integer >= {minimum}, found {short_repr(raw)}")
     return int(raw)
+
+
+def _parse_calibration(label: str, raw: str | None, criterion: str) -> dict | None:
+    """I10: ``neuroada.calibration`` is present exactly when the criterion is ``gradient``, and is a
+    JSON object with the keys ``CALIBRATION_KEYS`` and no others (counts are integers >= 1)."""
+    if criterion != "gradient":
+        if raw is not None:
+            raise SidecarError(f"{label}: neuroada.calibration is only for criterion 'gradient', found {criterion!r}")
+        return None
+    if raw is None:
+        raise SidecarError(f"{label}: criterion 'gradient' requires neuroada.calibration")
+    doc = parse_json(
+        raw,
+        SidecarError,
+        f"{label}: neuroada.calibration is not valid JSON ({{why}})",
+        f"{label}: neuroada.calibration is nested too deeply",
+    )
+    if not isinstance(doc, dict) or sorted(doc) != list(CALIBRATION_KEYS):
+        found = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+        raise SidecarError(
+            f"{label}: neuroada.calibration must be an object with keys {', '.join(CALIBRATION_KEYS)}, "
+            f"found {short_repr(found)}"
+        )
+    for key in ("batch_size", "examples", "max_length"):
+        v = doc[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 10**12:
+            raise SidecarError(f"{label}: neuroada.calibration {key} must be an integer >= 1, found {short_repr(v)}")
+    if not isinstance(doc["data_sha256"], str) or not _HEX64.fullmatch(doc["data_sha256"]):
+        raise SidecarError(f"{label}: neuroada.calibration data_sha256 must be 64 lowercase hex digits")
+    if doc["task"] not in TASKS:
+        raise SidecarError(
+            f"{label}: neuroada.calibration task {short_repr(doc['task'])} not one of {', '.join(TASKS)}"
+        )
+    return doc
 
 
 def _parse_entries(label: str, raw: str | None) -> dict[str, TensorEntry]:

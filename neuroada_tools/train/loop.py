@@ -53,7 +53,7 @@ import torch
 from neuroada_tools import __version__, hf
 from neuroada_tools.check.binding import check_shapes, verify_loaded
 from neuroada_tools.errors import ModelError, TrainingError
-from neuroada_tools.hf import TASKS, default_task, load_model, task_config
+from neuroada_tools.hf import TASKS, default_task, load_model
 from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.io.outputs import atomic_file, check_delta_outputs
 from neuroada_tools.io.sidecar import file_digest, read_index, write_delta
@@ -67,6 +67,8 @@ from neuroada_tools.train.setup import (
     enable_checkpointing,
     pick_device,
     prepare_data,
+    resolve_max_length,
+    task_model_config,
     unfreeze_head,
 )
 from neuroada_tools.train.steps import (
@@ -136,7 +138,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
         task = cfg.task or default_task(config_dict)
         if task not in TASKS:
             raise ModelError(f"unknown task {task!r} (choose {', '.join(TASKS)})")
-        cfg = _with_max_length(cfg, config_dict, model_dir)
+        cfg = dataclasses.replace(cfg, max_length=resolve_max_length(cfg.max_length, config_dict, model_dir))
 
         # ---- 2. tokenizer and data -------------------------------------------------------------
         prep = prepare_data(cfg, task, model_dir)
@@ -168,9 +170,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
         # ---- 4. model, bypasses, head ----------------------------------------------------------
         device = distributed.device_of(dist, pick_device(cfg.device))
         torch.manual_seed(cfg.seed)  # the head's initialisation, then dropout
-        tcfg = task_config(model_dir, task, label_names=label_names, trust_remote_code=cfg.trust_remote_code)
-        if getattr(tcfg, "pad_token_id", None) is None and task != "causal-lm":
-            tcfg.pad_token_id = prep.pad_id  # decoders (GPT-2) find the last token of each row by it
+        tcfg = task_model_config(model_dir, task, prep, trust_remote_code=cfg.trust_remote_code)
         model = load_model(model_dir, task, config=tcfg, dtype=hf.DTYPES[cfg.dtype],
                            trust_remote_code=cfg.trust_remote_code)
         verify_loaded(index, model, ckpt)  # FingerprintError naming the tensor if the index is from another base
@@ -296,18 +296,3 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
         eval=eval_result,
         losses=losses,
     )
-
-
-def _with_max_length(cfg: TrainConfig, config_dict: dict, model_dir: Path) -> TrainConfig:
-    """``cfg`` with ``max_length`` set: ``min(256, the model's positions)`` when not given; a given
-    value longer than the model's positions is refused (``ModelError``)."""
-    positions = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
-    known = isinstance(positions, int) and not isinstance(positions, bool) and positions > 0
-    if cfg.max_length is None:
-        return dataclasses.replace(cfg, max_length=min(256, positions) if known else 256)
-    if known and cfg.max_length > positions:
-        raise ModelError(
-            f"--max-length {cfg.max_length} is longer than the model's {positions} positions "
-            f"({model_dir / 'config.json'}); use --max-length {positions} or less"
-        )
-    return cfg

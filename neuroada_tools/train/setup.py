@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from neuroada_tools.errors import DataError, ModelError
-from neuroada_tools.hf import load_tokenizer
+from neuroada_tools.hf import load_tokenizer, task_config
 from neuroada_tools.train.config import TrainConfig
 from neuroada_tools.train.data import (
     BuildStats,
@@ -22,6 +23,21 @@ from neuroada_tools.train.data import (
     read_records,
 )
 from neuroada_tools.train.steps import has_target
+
+
+@dataclass
+class DataSettings:
+    """What ``prepare_data`` reads of a run's settings, for callers without a ``TrainConfig``
+    (``index --criterion gradient``); a ``TrainConfig`` has the same fields and is accepted as is."""
+
+    data: Path
+    max_length: int
+    eval_data: Path | None = None
+    label_field: str | None = None
+    text_field: str | None = None
+    num_labels: int | None = None
+    train_on_prompt: bool = False
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -38,7 +54,24 @@ class PreparedData:
     tokenizer: object
 
 
-def prepare_data(cfg: TrainConfig, task: str, model_dir: Path) -> PreparedData:
+def resolve_max_length(max_length: int | None, config: dict[str, Any], model_dir: Path) -> int:
+    """The ``--max-length`` a run uses: ``min(256, the model's positions)`` when not given (``config.json``
+    ``max_position_embeddings`` or ``n_positions``; 256 when neither is known); a given value longer
+    than the model's positions is refused (``ModelError``). Example: GPT-2 (1024 positions) and no
+    ``--max-length`` give 256; a model with 64 positions gives 64; ``--max-length 65`` there is refused."""
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    known = isinstance(positions, int) and not isinstance(positions, bool) and positions > 0
+    if max_length is None:
+        return min(256, positions) if known else 256
+    if known and max_length > positions:
+        raise ModelError(
+            f"--max-length {max_length} is longer than the model's {positions} positions "
+            f"({Path(model_dir) / 'config.json'}); use --max-length {positions} or less"
+        )
+    return max_length
+
+
+def prepare_data(cfg: TrainConfig | DataSettings, task: str, model_dir: Path) -> PreparedData:
     """Load the tokenizer, read and tokenize ``cfg.data`` (and ``cfg.eval_data``) for ``task``."""
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -69,6 +102,16 @@ def prepare_data(cfg: TrainConfig, task: str, model_dir: Path) -> PreparedData:
     return PreparedData(examples, eval_examples, label_field, label_names, build_stats, skipped, pad_id, tokenizer)
 
 
+def task_model_config(model_dir: Path, task: str, prep: PreparedData, trust_remote_code: bool = False):
+    """The transformers config ``train-sparse`` loads ``model_dir`` with for ``task``: the data's
+    label names (classification), and for a decoder used as a classifier (GPT-2) the pad token,
+    by which it finds the last token of each row."""
+    tcfg = task_config(model_dir, task, label_names=prep.label_names, trust_remote_code=trust_remote_code)
+    if getattr(tcfg, "pad_token_id", None) is None and task != "causal-lm":
+        tcfg.pad_token_id = prep.pad_id
+    return tcfg
+
+
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Activation (gradient) checkpointing, non-reentrant; ``ModelError`` if the model lacks it."""
     if not getattr(model, "supports_gradient_checkpointing", False):
@@ -79,7 +122,7 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_examples(task, records, tokenizer, cfg: TrainConfig, label_field, label_names):
+def build_examples(task, records, tokenizer, cfg: TrainConfig | DataSettings, label_field, label_names):
     """``(examples, label names or None, BuildStats)`` for ``task``; DataError names file and line."""
     if task == "causal-lm":
         built = build_causal_lm_examples(

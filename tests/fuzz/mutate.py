@@ -173,7 +173,7 @@ def _mutate_inner_json(rng: random.Random, text: str) -> object:
 
 META_KEYS = ["neuroada.magic", "neuroada.version", "neuroada.k", "neuroada.criterion", "neuroada.seed",
              "neuroada.tensors", "neuroada.model_type", "neuroada.index_sha256", "neuroada.task",
-             "neuroada.info", "neuroada.writer", "format"]
+             "neuroada.info", "neuroada.writer", "neuroada.calibration", "format"]
 
 
 def mutate_header_json(rng: random.Random, data: bytes) -> bytes:
