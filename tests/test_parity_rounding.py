@@ -167,3 +167,17 @@ def test_double_rounding_passes_the_low_precision_bound_but_not_the_tight_one(fi
     c = run_check(base, ip, dp, merged_dir=tmp_path / "out", raise_on_failure=False).comparisons
     assert c["merged_vs_unmerged"]["passed"]
     assert not c["merged_vs_unmerged_fp32"]["passed"], c
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_bf16_merge_of_an_fp32_base_is_held_to_the_bf16_tolerance(fixture_models, tmp_path, name):
+    # was: the loose comparison keyed on the base's dtype (fp32: 1e-5), so every such merge failed
+    ip, dp = sidecars(fixture_models[name], tmp_path)
+    out = tmp_path / "merged"
+    r = run_cli("merge", "--model", fixture_models[name], "--index", ip, "--delta", dp, "--to", "safetensors",
+                "--dtype", "bf16", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    result = run_check(fixture_models[name], ip, dp, merged_dir=out, raise_on_failure=False)
+    loose = result.comparisons["merged_vs_unmerged"]
+    assert loose["passed"] and loose["tolerance"] > 1e-3  # the bf16 row, not fp32's 1e-5
+    assert result.comparisons["merged_vs_unmerged_fp32"]["passed"]  # and the tight check still runs

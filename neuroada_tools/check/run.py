@@ -11,6 +11,7 @@ An unexpected exception inside a comparison becomes one ``ParityError`` line nam
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,24 @@ class CheckResult:
 def _dtype_key(model: torch.nn.Module) -> str:
     dt = next(model.parameters()).dtype
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
+
+
+_LOOSENESS = {"fp32": 0, "fp16": 1, "bf16": 2}
+
+
+def _folder_dtype_key(folder: Path) -> str:
+    """The dtype a merged or ONNX folder's config.json records (``fp32`` when it says none)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "fp32"
+    name = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(name), "fp32")
+
+
+def _looser(a: str, b: str) -> str:
+    """The lower of two precisions: a bf16 merge of an fp32 base is held to the bf16 tolerance."""
+    return a if _LOOSENESS[a] >= _LOOSENESS[b] else b
 
 
 def load_unmerged(model_dir: Path, index_path: Path, delta_path: Path, *, mode: str = "reference",
@@ -116,8 +135,12 @@ def run_check(
         ref = run_torch(unmerged, inputs)
     result = CheckResult(dtype=key, task=task, batch=batch, seq=seq)
 
+    # a merge written in a lower precision than the base (merge --dtype bf16) is held to that one's
+    # tolerance; the tight fp32 comparison below is what catches a wrong entry there
+    out_key = _looser(key, _folder_dtype_key(merged_dir if merged_dir is not None else onnx_dir or model_dir))
+
     def record(name: str, report: ParityReport, kind: str) -> None:
-        tol = tolerance_for(key, kind)
+        tol = tolerance_for(out_key if kind != "tight" else key, kind)
         limit = tol.limit(report.ref_scale)
         result.comparisons[name] = {
             "max_abs": report.max_abs, "max_rel": report.max_rel, "argmax_agreement": report.argmax_agreement,
