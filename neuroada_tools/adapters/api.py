@@ -182,10 +182,13 @@ def _module_names(model: nn.Module, targets: dict) -> list[tuple[str, nn.Module]
 
 def _head_names(model: nn.Module, index: IndexSidecar) -> set[str]:
     """The task head: parameters outside ``model.base_model_prefix`` (as ``train-sparse`` trains)."""
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    names = {n for n, _ in model.named_parameters() if not n.startswith(prefix) and not n.endswith("." + DELTA_ATTR)}
-    if not names or prefix == ".":
-        raise ModelError(f"head=True: {type(model).__name__} has no task head outside {prefix[:-1]!r}")
+    prefix = getattr(model, "base_model_prefix", "")
+    names: set[str] = set()
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):  # a task model wrapping its base
+        names = {n for n, _ in model.named_parameters()
+                 if not n.startswith(prefix + ".") and not n.endswith("." + DELTA_ATTR)}
+    if not names:
+        raise ModelError(f"head=True: {type(model).__name__} has no task head outside {prefix!r}")
     return names
 
 

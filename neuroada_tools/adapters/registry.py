@@ -153,8 +153,8 @@ def _set_flags(model: nn.Module, reg: Registry, adapter: Adapter | None) -> None
             p.requires_grad_(reg.flags.get(n, p.requires_grad))
         return
     params = params_by_name(model)
-    for n in adapter.head_names:
-        params[n].requires_grad_(adapter.train_head)
+    for n in reg.base_head:  # every head some adapter claims: trainable only as the active one's
+        params[n].requires_grad_(adapter.train_head and n in adapter.head_names)
 
 
 def deactivate(model: nn.Module, reg: Registry) -> None:

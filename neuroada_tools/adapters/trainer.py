@@ -16,10 +16,13 @@ every checkpoint goes through, and nothing else:
   ``load_best_model_at_end``) read that sidecar back into the adapter's deltas and head
   (refusing one made on another index); the optimizer state is then Trainer's own.
 
-DDP (torchrun) runs through Trainer as usual; the bypass's buffers (index rows, base values)
-are the same on every rank, so ``ddp_broadcast_buffers`` defaults to False instead of
-broadcasting them before every forward. FSDP and DeepSpeed are refused (``train-sparse --fsdp``
-shards a NeuroAda model). To add this to another Trainer subclass (e.g. TRL's ``SFTTrainer``):
+DDP (torchrun) runs through Trainer as usual, with one more override, ``_wrap_model``: before
+Trainer wraps the model, the frozen parameters and the bypass's buffers (index rows, base values)
+are put on DDP's ignore list (``_ddp_params_and_buffers_to_ignore``), so DDP neither broadcasts the
+whole base from rank 0 when it starts nor the buffers before every forward: every rank loaded the
+same base (``apply`` checked its fingerprints) and built the same buffers from it. Only the
+deltas and a trained head go through DDP's reducer. FSDP and DeepSpeed are refused
+(``train-sparse --fsdp`` shards a NeuroAda model). To add this to another Trainer subclass (e.g. TRL's ``SFTTrainer``):
 ``class MyTrainer(NeuroAdaTrainer, SFTTrainer): pass``.
 """
 
@@ -65,13 +68,21 @@ class NeuroAdaTrainer(Trainer):
         reg = reg_mod.require(reg_mod.unwrap(model))
         if adapter is not None:
             reg_mod.get(reg, adapter)
-        if args is not None and args.ddp_broadcast_buffers is None:
-            args.ddp_broadcast_buffers = False
         super().__init__(model, args, *rest, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ModelError("NeuroAdaTrainer: FSDP and DeepSpeed are not supported; use DDP, or "
                              "neuroada-tools train-sparse --fsdp")
         self.neuroada_adapter = adapter
+
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        """Put the frozen base and the bypass buffers on DDP's ignore list, then wrap as Trainer does."""
+        inner = reg_mod.unwrap(model)
+        if training and inner is model:
+            frozen = [n for n, p in inner.named_parameters() if not p.requires_grad]
+            buffers = [n for n, _ in inner.named_buffers() if n.rsplit(".", 1)[-1].startswith("neuroada_")]
+            before = list(getattr(inner, "_ddp_params_and_buffers_to_ignore", ()))
+            inner._ddp_params_and_buffers_to_ignore = sorted({*before, *frozen, *buffers})
+        return super()._wrap_model(model, training, dataloader)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapter's delta sidecar (and the tokenizer) to ``output_dir``; rank 0 only."""
