@@ -248,7 +248,7 @@ def unmerge(model: nn.Module, adapter: Adapter) -> None:
             w = module.weight
             logical = w if layout == "out_in" else w.t()
             idx = adapter.index.indices[tname].to(device=w.device, dtype=torch.int64)
-            logical.scatter_(1, idx, adapter.merged[tname].to(w.device))
+            logical.scatter_(1, idx, adapter.merged[tname].to(device=w.device, dtype=w.dtype))
     adapter.merged = None
 
 
