@@ -70,6 +70,15 @@ def test_resume_from_a_checkpoint_equals_the_straight_run(llama, tmp_path):
     assert not all(torch.equal(three[n], a[n]) for n in a)
 
 
+def test_activation_checkpointing_trains_the_same_deltas(llama, tmp_path):
+    model_dir, ipath, _ = llama
+    plain = _deltas(run(str(model_dir), str(ipath), str(tmp_path / "a"), 4, 2))
+    recomputed = _deltas(run(str(model_dir), str(ipath), str(tmp_path / "b"), 4, 2, activation_checkpointing=True))
+    assert any(bool(t.abs().sum() > 0) for t in plain.values())
+    for n in plain:
+        torch.testing.assert_close(recomputed[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
 def test_resume_refuses_a_folder_without_sidecar_or_one_of_another_index(llama, fixture_models, tmp_path):
     from neuroada_tools.adapters.trainer import load_checkpoint_delta
 

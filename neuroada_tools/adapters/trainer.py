@@ -39,6 +39,7 @@ from neuroada_tools.errors import ModelError
 from neuroada_tools.io.sidecar import read_delta
 
 DELTA_FILE = "neuroada.delta.safetensors"
+_IGNORED = "_neuroada_ddp_ignored"  # the names _wrap_model put on DDP's ignore list
 
 
 class NeuroAdaTrainer(Trainer):
@@ -80,8 +81,10 @@ class NeuroAdaTrainer(Trainer):
         if training and inner is model:
             frozen = [n for n, p in inner.named_parameters() if not p.requires_grad]
             buffers = [n for n, _ in inner.named_buffers() if n.rsplit(".", 1)[-1].startswith("neuroada_")]
-            before = list(getattr(inner, "_ddp_params_and_buffers_to_ignore", ()))
-            inner._ddp_params_and_buffers_to_ignore = sorted({*before, *frozen, *buffers})
+            ours = {*frozen, *buffers}  # recomputed each time: the active adapter may have changed since
+            users = set(getattr(inner, "_ddp_params_and_buffers_to_ignore", ())) - inner.__dict__.get(_IGNORED, set())
+            inner._ddp_params_and_buffers_to_ignore = sorted(users | ours)
+            object.__setattr__(inner, _IGNORED, ours)
         return super()._wrap_model(model, training, dataloader)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

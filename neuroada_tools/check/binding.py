@@ -91,6 +91,6 @@ def verify_loaded(index: IndexSidecar, model: torch.nn.Module, ckpt: Checkpoint 
             from_file.append(name)
             continue
         logical = p.detach().t() if index.entries[name].transposed else p.detach()
-        verify_fingerprint(index, name, logical.cpu(), str(ckpt.root) if ckpt is not None else "model")
+        verify_fingerprint(index, name, logical, str(ckpt.root) if ckpt is not None else "model")
     if from_file:
         verify_base(index, ckpt, names=from_file)
