@@ -130,7 +130,8 @@ def test_an_optimizer_keeps_its_adapter_across_switches(side):
     params_a = [p for p in model.parameters() if p.requires_grad]
     neuroada_tools.apply(model, ipath, deltas["b"], name="b")
     b_values = {n: p.detach().clone() for n, p in reg_mod.registry(model).adapters["b"].params.items()}
-    assert not any(p.requires_grad and any(p is q for q in params_a) for p in model.parameters())
+    assert not any(p.requires_grad for p in params_a)  # inactive: frozen, and not in the model
+    assert not any(any(p is q for q in params_a) for p in model.parameters())
     neuroada_tools.set_active(model, "a")
     live = [p for p in model.parameters() if p.requires_grad]
     assert len(live) == len(params_a) and all(p is q for p, q in zip(live, params_a))
@@ -268,3 +269,18 @@ def test_a_weight_loaded_narrower_than_the_base_is_read_from_the_checkpoint(side
         neuroada_tools.apply(model, ipath, deltas["a"])
     neuroada_tools.apply(model, ipath, deltas["a"], base=model_dir)  # or named explicitly
     assert neuroada_tools.list_adapters(model) == {"default": "active"}
+
+
+def test_a_mode_set_on_the_bypass_survives_switching(side):
+    model_dir, ipath, index, deltas = side["llama"]
+    _, ipath2, _, deltas2 = side["llama-k2"]
+    model = load(model_dir)
+    neuroada_tools.apply(model, ipath, deltas["a"], name="a")
+    neuroada_tools.apply(model, ipath2, deltas2["c"], name="c")
+    bypass.set_mode(model, "reference")
+    for name in ("a", "c"):  # another index: detached and attached again, in the same mode
+        neuroada_tools.set_active(model, name)
+        assert {m.neuroada_mode for m in reg_mod.layers(model).values()} == {"reference"}
+    ref = _reference(model_dir, "causal-lm", index, deltas["a"])
+    neuroada_tools.set_active(model, "a")
+    torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-5)

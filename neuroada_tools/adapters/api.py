@@ -105,7 +105,7 @@ def apply(
         check_delta_matches(delta, index, label)
     targets = target_layers(model, index)
     dense = {pname: t for pname, _, t in _check_dense(model, delta.dense)} if delta is not None else {}
-    head_names = set(dense) | (_head_names(model, index) if head else set())
+    head_names = set(dense) | (_head_names(model) if head else set())
     adapted = {f"{mod}.weight" for mod, _ in _module_names(model, targets)}
     clash = sorted(head_names & adapted)
     if clash:
@@ -180,7 +180,7 @@ def _module_names(model: nn.Module, targets: dict) -> list[tuple[str, nn.Module]
     return [(n, m) for n, m in model.named_modules() if id(m) in wanted]
 
 
-def _head_names(model: nn.Module, index: IndexSidecar) -> set[str]:
+def _head_names(model: nn.Module) -> set[str]:
     """The task head: parameters outside ``model.base_model_prefix`` (as ``train-sparse`` trains)."""
     prefix = getattr(model, "base_model_prefix", "")
     names: set[str] = set()

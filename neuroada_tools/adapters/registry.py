@@ -166,6 +166,7 @@ def deactivate(model: nn.Module, reg: Registry) -> None:
         raise ModelError(f"adapter {adapter.name!r} is merged into the weights; remove(model, {adapter.name!r}) "
                          "un-merges it")
     _save_head(model, adapter)
+    _freeze(adapter)
     reg.mode = next(iter(layers(model).values())).neuroada_mode
     bypass.detach(model)
     reg.active = None
@@ -184,6 +185,7 @@ def activate(model: nn.Module, reg: Registry, name: str) -> None:
                          "un-merges it")
     if current is not None and _same_index(current.index, adapter.index):
         _save_head(model, current)
+        _freeze(current)
         for tname, layer in layers(model).items():
             layer._neuroada_restore()
             layer._neuroada_written = None
@@ -198,6 +200,13 @@ def activate(model: nn.Module, reg: Registry, name: str) -> None:
     reg.active = name
     _load_heads(model, reg, adapter)
     _set_flags(model, reg, adapter)
+
+
+def _freeze(adapter: Adapter) -> None:
+    """An inactive adapter's deltas do not require grad (as PEFT's inactive adapters), so a stale
+    optimizer step cannot move them; ``activate`` turns them on again."""
+    for p in adapter.params.values():
+        p.requires_grad_(False)
 
 
 def _same_index(a: IndexSidecar, b: IndexSidecar) -> bool:
