@@ -24,7 +24,7 @@ def examples() -> list[dict]:
 
 
 def run(model_dir: str, index: str, out_dir: str, batch: int, steps: int, *, save_steps: int | None = None,
-        resume: str | None = None, **extra):
+        resume: str | None = None, evaluate: bool = False, **extra):
     """Apply ``index`` to the model of ``model_dir`` and train ``steps`` steps; return the trainer."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -32,13 +32,15 @@ def run(model_dir: str, index: str, out_dir: str, batch: int, steps: int, *, sav
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     neuroada_tools.apply(model, index)
-    args = TrainingArguments(
-        out_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-2, warmup_steps=0,
+    settings = dict(
+        max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-2, warmup_steps=0,
         lr_scheduler_type="linear", weight_decay=0.0, seed=0, report_to=[], disable_tqdm=True, use_cpu=True,
         logging_strategy="no", save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        dataloader_num_workers=0, **extra,
+        dataloader_num_workers=0,
     )
-    trainer = neuroada_tools.NeuroAdaTrainer(model=model, args=args, train_dataset=examples())
+    args = TrainingArguments(out_dir, **{**settings, **extra})
+    trainer = neuroada_tools.NeuroAdaTrainer(model=model, args=args, train_dataset=examples(),
+                                             eval_dataset=examples()[:4] if evaluate else None)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

@@ -79,6 +79,18 @@ def test_activation_checkpointing_trains_the_same_deltas(llama, tmp_path):
         torch.testing.assert_close(recomputed[n], plain[n], rtol=1e-5, atol=1e-7)
 
 
+def test_load_best_model_at_end_reads_the_best_checkpoints_sidecar(llama, tmp_path):
+    model_dir, ipath, index = llama
+    trainer = run(str(model_dir), str(ipath), str(tmp_path / "run"), 4, 4, save_steps=1, evaluate=True,
+                  eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                  greater_is_better=True)  # "best" = the highest loss, an early checkpoint: not the last one
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-4")
+    kept = read_delta(Path(best) / "neuroada.delta.safetensors", index).deltas
+    now = _deltas(trainer)
+    assert all(torch.equal(kept[n], now[n]) for n in now)
+
+
 def test_resume_refuses_a_folder_without_sidecar_or_one_of_another_index(llama, fixture_models, tmp_path):
     from neuroada_tools.adapters.trainer import load_checkpoint_delta
 

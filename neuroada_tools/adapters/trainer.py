@@ -5,8 +5,8 @@ Trainer itself trains an applied model as it is (only the deltas, and a head wit
 alone is checkpoint one: ``Trainer._save`` writes ``save_pretrained``'s full copy of the model
 (the base, for a few MB of deltas), and ``Trainer._load_from_checkpoint`` resumes only from such
 a copy (or a PEFT adapter). A callback sees neither (``on_save`` runs after the weights are
-written, and nothing lets it stop that). So the subclass overrides the two save/load hooks that
-every checkpoint goes through, and nothing else:
+written, and nothing lets it stop that). So the subclass overrides the hooks that every
+checkpoint goes through, and nothing else:
 
 - ``_save`` (every ``save_steps`` checkpoint and ``save_model``) writes the active adapter's delta
   sidecar, ``neuroada.delta.safetensors`` (``save_delta``: deltas, head, index SHA-256;
@@ -22,8 +22,8 @@ are put on DDP's ignore list (``_ddp_params_and_buffers_to_ignore``), so DDP nei
 whole base from rank 0 when it starts nor the buffers before every forward: every rank loaded the
 same base (``apply`` checked its fingerprints) and built the same buffers from it. Only the
 deltas and a trained head go through DDP's reducer. FSDP and DeepSpeed are refused
-(``train-sparse --fsdp`` shards a NeuroAda model). To add this to another Trainer subclass (e.g. TRL's ``SFTTrainer``):
-``class MyTrainer(NeuroAdaTrainer, SFTTrainer): pass``.
+(``train-sparse --fsdp`` shards a NeuroAda model). To add all this to another Trainer subclass
+(e.g. TRL's ``SFTTrainer``): ``class MyTrainer(NeuroAdaTrainer, SFTTrainer): pass``.
 """
 
 from __future__ import annotations
