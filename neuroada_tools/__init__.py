@@ -3,6 +3,20 @@
 Pipeline: ``index`` (per-row top-k of |W| from a safetensors checkpoint) ->
 ``train-sparse`` (train fp32 deltas at those positions only) -> ``merge``
 (``W + scatter(delta)`` into safetensors or ONNX, with a logit parity check).
+
+In Python, on a loaded transformers model (``neuroada_tools/adapters/``): ``apply``,
+``set_active``, ``remove``, ``combine``, ``save_delta``, ``list_adapters`` and ``NeuroAdaTrainer``.
+They are imported on first use, so ``import neuroada_tools`` (and the CLI) stays light.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["NeuroAdaTrainer", "apply", "combine", "list_adapters", "remove", "save_delta", "set_active"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from neuroada_tools import adapters as _adapters
+
+        return getattr(_adapters, name)
+    raise AttributeError(f"module 'neuroada_tools' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from neuroada_tools.errors import FingerprintError
+from neuroada_tools.errors import FingerprintError, ModelError
 from neuroada_tools.io.checkpoint import Checkpoint
 from neuroada_tools.io.names import match_names
 from neuroada_tools.io.sidecar import IndexSidecar, verify_fingerprint
@@ -56,7 +56,7 @@ _EXACT_IN = {  # loaded dtype -> stored dtypes whose values it holds exactly
 }
 
 
-def verify_loaded(index: IndexSidecar, model: torch.nn.Module, ckpt: Checkpoint) -> None:
+def verify_loaded(index: IndexSidecar, model: torch.nn.Module, ckpt: Checkpoint | None = None) -> None:
     """Compare fingerprints on the weights ``model`` already loaded, so training reads the base once.
 
     A weight loaded in a dtype that holds the stored values exactly (the base's own dtype, or an
@@ -64,17 +64,33 @@ def verify_loaded(index: IndexSidecar, model: torch.nn.Module, ckpt: Checkpoint)
     an fp32 base) has lost the bits the fingerprint hashes, so that tensor alone is streamed from
     the checkpoint again (the one case where the base is read twice). Raises ``FingerprintError``
     naming the first tensor that differs.
+
+    Without ``ckpt`` (a model loaded elsewhere: ``neuroada_tools.apply``) the stored dtype is the one
+    the index records, every weight is fingerprinted in memory, and a weight the model lacks is a
+    ``ModelError`` naming it; a weight loaded narrower than the index's base is a
+    ``FingerprintError`` (there is no file to read it from).
     """
     params = dict(model.named_parameters())
     mapping = match_names(sorted(index.entries), list(params))
     from_file = []
     for name in sorted(index.entries):
         p = params.get(mapping.get(name, ""))
-        stored = ckpt.tensors[name].dtype if name in ckpt.tensors else None
+        if ckpt is not None:
+            stored = ckpt.tensors[name].dtype if name in ckpt.tensors else None
+        else:
+            stored = index.entries[name].dtype
+            if p is None:
+                raise ModelError(f"index tensor {name!r}: the model has no parameter of that name")
+            if stored not in _EXACT_IN.get(p.dtype, set()):
+                raise FingerprintError(
+                    f"model: {name!r} is loaded as {str(p.dtype).removeprefix('torch.')}, which does not hold the "
+                    f"{stored} values the index was made from; load the model in {stored} or fp32 (or pass the "
+                    "base checkpoint, whose file is read instead)"
+                )
         if p is None or stored not in _EXACT_IN.get(p.dtype, set()):
             from_file.append(name)
             continue
         logical = p.detach().t() if index.entries[name].transposed else p.detach()
-        verify_fingerprint(index, name, logical.cpu(), str(ckpt.root))
+        verify_fingerprint(index, name, logical, str(ckpt.root) if ckpt is not None else "model")
     if from_file:
         verify_base(index, ckpt, names=from_file)

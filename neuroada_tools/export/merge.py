@@ -78,14 +78,14 @@ def merge_tensor(stored: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, t
     finite base value that the cast makes infinite, raises ``SidecarError`` naming ``name``.
     """
     d_out, k = idx.shape
-    rows = torch.arange(d_out, dtype=torch.int64).unsqueeze(1)
-    cols = idx.to(torch.int64)
+    rows = torch.arange(d_out, dtype=torch.int64, device=stored.device).unsqueeze(1)
+    cols = idx.to(device=stored.device, dtype=torch.int64)
     # flat offsets into the stored (contiguous) tensor: [out, in] -> r*d_in + c; [in, out] -> c*d_out + r
     flat = (cols * d_out + rows) if transposed else (rows * stored.shape[1] + cols)
     flat = flat.view(-1)
     src = stored.contiguous().view(-1)
     base = src[flat]
-    values = (base.to(torch.float32) + delta.to(torch.float32).view(-1)).to(out_dtype)
+    values = (base.to(torch.float32) + delta.to(device=stored.device, dtype=torch.float32).reshape(-1)).to(out_dtype)
     if out_dtype.is_floating_point:
         bad = ~torch.isfinite(values) & torch.isfinite(base)
         if bool(bad.any()):

@@ -113,10 +113,11 @@ def fingerprint(weight: torch.Tensor, indices: torch.Tensor) -> str:
     h = hashlib.sha256(b"neuroada-fp1\0")
     h.update(struct.pack("<qq", d_out, d_in))
     rows = sorted({i * d_out // FINGERPRINT_ROWS for i in range(FINGERPRINT_ROWS)}) if d_out else []
+    # sampled and gathered where the weight lies (a GPU weight is not copied whole to the host)
     sample = weight[rows].to(torch.float32).contiguous()
-    h.update(sample.numpy().tobytes())
-    picked = torch.gather(weight, 1, indices.to(torch.int64)).to(torch.float32).contiguous()
-    h.update(picked.numpy().tobytes())
+    h.update(sample.cpu().numpy().tobytes())
+    picked = torch.gather(weight, 1, indices.to(device=weight.device, dtype=torch.int64)).to(torch.float32)
+    h.update(picked.contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -19,9 +19,13 @@ ROOT_STATE = "_neuroada_attach_state"
 
 
 def adaptable(module: nn.Module) -> bool:
-    """``nn.Linear`` / ``Conv1D`` or a subclass that keeps their forward (the bypass replaces it)."""
+    """``nn.Linear`` / ``Conv1D`` or a subclass that keeps their forward (the bypass replaces it).
+
+    A layer that already carries a bypass is judged by the class it had before ``attach``, so the
+    checks of a second adapter (``neuroada_tools.apply``) can run while the first is attached."""
+    own = module.__dict__.get("_neuroada_base_cls", type(module))
     for cls in (nn.Linear, Conv1D):
-        if cls is not None and isinstance(module, cls) and type(module).forward is cls.forward:
+        if cls is not None and issubclass(own, cls) and own.forward is cls.forward:
             return True
     return False
 
