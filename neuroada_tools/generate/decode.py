@@ -111,6 +111,9 @@ def generate_ids(
         return []
     if max_new_tokens < 1:
         raise ModelError(f"max new tokens {max_new_tokens}: expected at least 1")
+    empty = next((n for n, p in enumerate(prompts, start=first_number + 1) if len(p) == 0), None)
+    if empty is not None:
+        raise ModelError(f"prompt {empty}: no tokens (an empty prompt)")
     eos = {int(i) for i in eos_ids}
     generators = [] if sampling.greedy else [row_generator(sampling.seed, first_number + b)
                                              for b in range(len(prompts))]

@@ -57,9 +57,9 @@ def require_decoder(folder: Path, config) -> None:
     name = archs[0] if archs else getattr(config, "model_type", "?")
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{folder}: {name} is an encoder-decoder model; generate supports decoders (causal LMs) only")
-    task = task_of_architectures(archs)
-    if task is None and is_encoder(config.to_dict()):
+    if is_encoder(config.to_dict()):
         raise ModelError(f"{folder}: {name} is an encoder-only model; generate needs a decoder (a causal LM)")
+    task = task_of_architectures(archs)
     if task not in (None, "causal-lm"):
         raise ModelError(f"{folder}: {name} is a {task} model; generate needs a causal LM")
 
