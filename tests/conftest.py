@@ -69,3 +69,11 @@ def data_dir() -> Path:
             pytest.fail(f"real data not found at {path} (set NEUROADA_DATA)")
         pytest.skip(f"real data not found at {path} (set NEUROADA_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def decoder_forms(fixture_models, tmp_path_factory):
+    """name -> ``tests.genkit.Forms`` (index, random delta, merged folder, ONNX with past), built on first use."""
+    from tests.genkit import forms_getter
+
+    return forms_getter(fixture_models, tmp_path_factory.mktemp("forms"))

@@ -329,7 +329,8 @@ def _feed(session, inputs: dict[str, torch.Tensor], where: str) -> dict[str, np.
     return feed
 
 
-def _run(session, inputs: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def ort_run(session, inputs: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Every output of ``session`` on ``inputs`` (cast to the declared input types), as torch tensors."""
     feed = _feed(session, inputs, where)
     names = [o.name for o in session.get_outputs()]
     try:
@@ -342,7 +343,7 @@ def _run(session, inputs: dict[str, torch.Tensor], where: str) -> dict[str, torc
 def run_onnx(onnx_path: Path, inputs: dict[str, torch.Tensor], provider: str = "cpu") -> torch.Tensor:
     """Logits of an exported graph on ``inputs`` (only the inputs the graph declares are fed), fp32."""
     session = ort_session(onnx_path, provider)
-    out = _run(session, inputs, str(onnx_path))
+    out = ort_run(session, inputs, str(onnx_path))
     if "logits" not in out:
         raise ModelError(f"{onnx_path}: the graph has no output 'logits' (outputs: {sorted(out)})")
     return out["logits"].float()
@@ -403,16 +404,25 @@ def check_with_past(
         model.train(was_training)
 
     # onnxruntime: prefill from an empty past, then one step from its own presents
+    empty = empty_past(session, past_in, ids.shape[0], where)
+    prefill = ort_run(session, {"input_ids": ids, "attention_mask": mask, **empty}, where)
+    past = {p: prefill[q] for p, q in zip(past_in, present_out)}
+    step = ort_run(session, {"input_ids": step_ids, "attention_mask": step_mask, **past}, where)
+
+    reference = torch.cat([prefill_ref, step_ref], dim=1)
+    other = torch.cat([prefill["logits"].float(), step["logits"].float()], dim=1)
+    return compare_logits(reference, other, step_mask)
+
+
+def empty_past(session, past_in: list[str], batch: int, where: str) -> dict[str, torch.Tensor]:
+    """Zero-length ``past_key_values.*`` for a prefill through a with-past graph: ``[batch, heads, 0, head_dim]``.
+
+    The graph must declare fixed heads and head_dim (the exporter does); the dtype is cast on feeding.
+    """
     empty = {}
     for name, arg in zip(past_in, session.get_inputs()[2:]):
         heads, head_dim = arg.shape[1], arg.shape[3]
         if not isinstance(heads, int) or not isinstance(head_dim, int):
             raise ModelError(f"{where}: input {name!r} has shape {arg.shape}; heads and head_dim must be fixed")
-        empty[name] = torch.zeros(ids.shape[0], heads, 0, head_dim)  # _feed casts to the declared dtype
-    prefill = _run(session, {"input_ids": ids, "attention_mask": mask, **empty}, where)
-    past = {p: prefill[q] for p, q in zip(past_in, present_out)}
-    step = _run(session, {"input_ids": step_ids, "attention_mask": step_mask, **past}, where)
-
-    reference = torch.cat([prefill_ref, step_ref], dim=1)
-    other = torch.cat([prefill["logits"].float(), step["logits"].float()], dim=1)
-    return compare_logits(reference, other, step_mask)
+        empty[name] = torch.zeros(batch, heads, 0, head_dim)  # _feed casts to the declared dtype
+    return empty

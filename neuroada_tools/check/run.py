@@ -6,7 +6,8 @@ unfused reference path (``x W^T + x S^T``) and the delta's dense head loaded. In
 Tolerances per dtype are ``parity.TOLERANCES``. A merge where the base or the output is bf16/fp16 also
 gets ``merged_vs_unmerged_fp32``, the tight comparison in fp32 arithmetic of ``check/rounding.py``.
 An unexpected exception inside a comparison becomes one ``ParityError`` line naming it
-(``comparison_errors``).
+(``comparison_errors``). ``generate=N`` adds greedy generation parity (``check/generation.py``): the
+same N new tokens from every form, enforced on fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from neuroada_tools.check.generation import check_generation
+from neuroada_tools.check.generation import human as human_generation
 from neuroada_tools.check.parity import (
     PARITY_BATCH,
     PARITY_SEQ,
@@ -47,10 +50,15 @@ class CheckResult:
     batch: int
     seq: int
     comparisons: dict[str, dict] = field(default_factory=dict)
+    generation: dict | None = None
 
     @property
     def passed(self) -> bool:
-        return all(c["passed"] for c in self.comparisons.values())
+        return all(c["passed"] for c in self.comparisons.values()) and self.generation_passed
+
+    @property
+    def generation_passed(self) -> bool:
+        return self.generation is None or self.generation["passed"]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,9 +122,11 @@ def run_check(
     batch: int = PARITY_BATCH,
     seq: int = PARITY_SEQ,
     seed: int = 1234,
+    generate: int = 0,
     raise_on_failure: bool = True,
 ) -> CheckResult:
-    """Compare logits; raise ``ParityError`` (exit code 1) if any comparison is over tolerance."""
+    """Compare logits (and with ``generate=N``, N greedy tokens); raise ``ParityError`` (exit code 1)
+    if any comparison is over tolerance or the fp32 tokens differ."""
     unmerged, task, delta = _load_unmerged(Path(model_dir), Path(index_path), Path(delta_path))
     key = _dtype_key(unmerged)
     cfg = unmerged.config
@@ -134,6 +144,7 @@ def run_check(
             mask = inputs["attention_mask"]
         ref = run_torch(unmerged, inputs)
     result = CheckResult(dtype=key, task=task, batch=batch, seq=seq)
+    merged = None
 
     # a merge written in a lower precision than the base (merge --dtype bf16) is held to that one's
     # tolerance; the tight fp32 comparison below is what catches a wrong entry there
@@ -155,21 +166,31 @@ def run_check(
         if needs_rounding_check(unmerged, merged):
             with comparison_errors("merged_vs_unmerged_fp32"):
                 record("merged_vs_unmerged_fp32", check_rounding(unmerged, merged, inputs, mask, delta.dense), "tight")
-        del merged
     if onnx_dir is not None:
         with comparison_errors("onnx_vs_unmerged"):
             onnx_path = Path(onnx_dir) / "model.onnx"
             feeds = {k: v for k, v in inputs.items()}
             record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, feeds, provider), mask), "onnx")
         past = Path(onnx_dir) / "model_with_past.onnx"
-        if with_past or past.exists():
+        with_past = with_past or past.exists()
+        if with_past:
             with comparison_errors("onnx_with_past_step"):
                 bypass.set_mode(unmerged, "reference")
                 record("onnx_with_past_step", check_with_past(unmerged, past, inputs, provider=provider), "onnx")
+    if generate:
+        with comparison_errors("generate"):
+            if task != "causal-lm":
+                raise ParityError(f"check --generate needs a causal-LM model; this delta is for {task}")
+            result.generation = check_generation(
+                unmerged, Path(model_dir), merged=merged, onnx_dir=onnx_dir, with_past=with_past, provider=provider,
+                new_tokens=generate, batch=batch, seq=seq, seed=seed, enforced=key == "fp32")
+    del merged
     if raise_on_failure and not result.passed:
         bad = [f"{n}: max abs {c['max_abs']:.3g} > tolerance {c['tolerance']:.3g} "
                f"(argmax agreement {100 * c['argmax_agreement']:.1f}%)"
                for n, c in result.comparisons.items() if not c["passed"]]
+        if not result.generation_passed:
+            bad.append(result.generation["mismatch"])
         raise ParityError(f"parity check failed ({key}): " + "; ".join(bad))
     return result
 
@@ -202,4 +223,6 @@ def human(result: dict) -> str:
                 f"{100 * c['argmax_agreement']:.1f}%  "
             f"tol {c['tolerance']:.1e}  {'ok' if c['passed'] else 'FAILED'}"
         )
+    if result.get("generation") is not None:
+        lines.append(human_generation(result["generation"]))
     return "\n".join(lines)

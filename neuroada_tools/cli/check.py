@@ -26,19 +26,24 @@ Example:
 @click.option("--batch", type=click.IntRange(min=2), default=3, show_default=True)
 @click.option("--seq", type=click.IntRange(min=2), default=11, show_default=True)
 @click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--generate", "generate", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Also decode N greedy tokens per prompt with each form; fp32 must give the same tokens.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def command(model, index, delta, merged, onnx_dir, with_past, provider, batch, seq, seed, as_json) -> None:
+def command(model, index, delta, merged, onnx_dir, with_past, provider, batch, seq, seed, generate, as_json) -> None:
     """Compare logits of the unmerged model (base + bypass) with a merged and/or ONNX export.
 
-    Exit code 0 when every comparison is within tolerance, 1 when one is not.
+    Exit code 0 when every comparison is within tolerance, 1 when one is not. With --generate N,
+    greedy tokens that differ are exit code 1 too, with one line on stderr naming the first difference.
     """
     from neuroada_tools.check.run import human, run_check
 
     if merged is None and onnx_dir is None:
         raise click.UsageError("give --merged and/or --onnx")
     r = run_check(model, index, delta, merged_dir=merged, onnx_dir=onnx_dir, with_past=with_past,
-                  provider=provider, batch=batch, seq=seq, seed=seed, raise_on_failure=False)
+                  provider=provider, batch=batch, seq=seq, seed=seed, generate=generate, raise_on_failure=False)
     emit(r.to_dict(), as_json, human)
+    if not r.generation_passed:
+        click.echo(f"error: {r.generation['mismatch']}", err=True)
     if not r.passed:
         raise SystemExit(1)
