@@ -43,7 +43,7 @@ same for every method; each record carries digests of its batch order and initia
 report checks them. Every method trains with the step that ships in ``train-sparse``
 (``neuroada_tools.train.steps``: ``make_optimizer``, AdamW without weight decay; ``optimizer_step``,
 the loss in fp32, clipping at 1.0, a NaN stops the run as diverged; ``lr_at``, linear warmup over
-``ceil(6%)`` of the steps, then linear decay) and is scored by its ``evaluate``. ARC: 1 epoch of 126
+``ceil(6%)`` of the steps, then linear decay) and is scored by its ``evaluate``. ARC: 2 epochs of 126
 steps x 16 questions, max_length 128 (no training question is cut).
 
 Results: every finished training run is a line of ``--results`` (JSONL; method, seed, lr, accuracies,
