@@ -185,6 +185,14 @@ def test_results_file_resumes_and_skips_finished_runs(fixture_models, data_dir, 
     assert "1 unreadable lines" in capsys.readouterr().out
 
 
+def test_quick_without_a_results_file_reports_from_memory(fixture_models, data_dir, keep_threads, capsys):
+    args = ["--quick", "--workers", "1", "--model", str(fixture_models["bert-base"]), "--data", str(data_dir),
+            "--methods", "head", "--steps", "2", "--timing-reps", "0"]
+    assert bq.main(args) == 0
+    out = capsys.readouterr().out
+    assert "results (in memory)" in out and "| head |" in out and "(2) |" in out  # --quick: 2 seeds
+
+
 def test_render_reports_paired_differences(fixture_models, data_dir, tmp_path, keep_threads, capsys):
     results = tmp_path / "runs.jsonl"
     args = _args(fixture_models, data_dir, results, "--methods", "neuroada-k4-magnitude,lora-k4", "--seeds", "3")

@@ -171,19 +171,18 @@ def work(args, torch, tasks, methods, settings) -> int:
             _timing(ctx, store, data, task, s, methods, protocol, args.timing_reps)
     if args._worker is not None:
         return 0
-    if args.estimate:
-        return finish(args, estimates)
-    return finish(args, None)
+    return finish(args, estimates if args.estimate else None, store)
 
 
-def finish(args, estimates) -> int:
-    """Print the projection (``--estimate``) or the markdown of the results file."""
+def finish(args, estimates, store: Store) -> int:
+    """Print the projection (``--estimate``) or the markdown of the results (``store``: this process's
+    view of ``--results``, the children's runs included, or its in-memory records without one)."""
     if estimates is not None:
         md = "\n".join(estimate_markdown(e) for e in estimates)
         if len(estimates) > 1:
             md += f"\n**Projected total, all tasks: {sum(e['total_s'] for e in estimates) / 3600:.2f} h**\n"
         return _emit(md, args)
-    return _emit(markdown(Store(args.results).records), args)
+    return _emit(markdown(store.records), args)
 
 
 def _peft_version():
