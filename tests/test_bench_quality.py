@@ -5,7 +5,7 @@ skipped, a missing one is run again), the pairing of seeds (same batch order and
 for every method of a seed), the paired-difference t-interval on a worked example, the gradient and
 random criteria's indices, the matched budgets, the accuracy of `evaluate` (ARC rows with 3 and 5
 options), and the `--quick` path end to end through the worker processes and the report. No real model
-or data is needed; about half a minute on two CPU cores.
+or data is needed; under a minute on two CPU cores.
 """
 
 from __future__ import annotations
