@@ -4,9 +4,9 @@ The command-line entry point; the benchmark lives in ``bench/quality/`` (its ``_
 is measured and how). Every method trains with the step that ships in ``train-sparse``
 (``neuroada_tools.train.steps``).
 
-    .venv/bin/python bench/bench_quality.py [--quick] [--tasks boolq,arc] [--methods a,b]
-        [--out BENCH.md] [--json results.json] [--threads 2] [--task-procs] [--no-memory]
-        [--timing-reps N] [--timing-only] [--render results.json ...]
+    .venv/bin/python bench/bench_quality.py [--estimate] [--quick] [--results runs.jsonl] [--out BENCH.md]
+        [--tasks arc,boolq] [--methods a,b] [--seeds 3] [--epochs N] [--device cuda] [--threads 2]
+        [--render] [--grad-share]
 """
 
 from __future__ import annotations
@@ -16,16 +16,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the quality package
 
-from quality.measure import evaluate, gradient_share, interleaved_step_ms, memory_probe, train_run  # noqa: E402
-from quality.methods import Budget, Context, Method, build_method, methods_for  # noqa: E402
-from quality.report import markdown, merge_results  # noqa: E402
-from quality.run import main, run_method  # noqa: E402
-from quality.tasks import FULL, QUICK, TaskData, TaskSettings, boolq_question, load_task, train_batches  # noqa: E402
+from quality.estimate import makespan, measure, project  # noqa: E402
+from quality.measure import evaluate, gradient_share, interleaved_step_ms, train_run  # noqa: E402
+from quality.methods import REFERENCE, Budget, Calibration, Context, Method, build_method, methods_for  # noqa: E402
+from quality.report import markdown  # noqa: E402
+from quality.run import main  # noqa: E402
+from quality.runs import Store, best, extension, protocol_of, run_method  # noqa: E402
+from quality.stats import paired_interval, t_quantile  # noqa: E402
+from quality.tasks import (  # noqa: E402
+    PROTOCOL,
+    QUICK,
+    TaskData,
+    TaskSettings,
+    boolq_question,
+    load_task,
+    steps_per_epoch,
+    train_batches,
+)
 
 __all__ = [
-    "FULL", "QUICK", "Budget", "Context", "Method", "TaskData", "TaskSettings", "boolq_question", "build_method",
-    "evaluate", "gradient_share", "interleaved_step_ms", "load_task", "main", "markdown", "memory_probe",
-    "merge_results", "methods_for", "run_method", "train_batches", "train_run",
+    "Budget", "Calibration", "Context", "Method", "PROTOCOL", "QUICK", "REFERENCE", "Store", "TaskData",
+    "TaskSettings", "best", "boolq_question", "build_method", "evaluate", "extension", "gradient_share",
+    "interleaved_step_ms", "load_task", "main", "makespan", "markdown", "measure", "methods_for", "paired_interval",
+    "project", "protocol_of", "run_method", "steps_per_epoch", "t_quantile", "train_batches", "train_run",
 ]
 
 if __name__ == "__main__":

@@ -5,12 +5,21 @@ training step that ships (``neuroada_tools.train.steps``): ``make_optimizer``, `
 the step is the benchmark's: a fixed number of steps over its length-grouped batches, one
 micro-batch per step, each step timed, and a run that hits a NaN/Inf loss or gradient marked
 diverged where ``train-sparse`` would stop with an error.
+
+Peak memory of a run (``PeakMemory``): CUDA, ``max_memory_allocated`` over the training steps minus
+the memory allocated when they start (the model, adapter and head are built; the optimizer state
+is not yet); CPU, the rise of the process's resident-set high-water mark over the same span
+(``/proc/self/clear_refs`` resets it; glibc is told to serve allocations over 128 KiB with mmap and
+trimmed before, so memory freed by earlier runs is not silently reused). Both count activations,
+gradients, optimizer state and autograd buffers, not the base weights every method holds.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
+import hashlib
 import math
 import statistics
 import time
@@ -27,7 +36,7 @@ from neuroada_tools.train.steps import (
 )
 from neuroada_tools.train.steps import evaluate as shipped_evaluate
 from quality.methods import Context, Method, build_method
-from quality.tasks import TASK_KIND, TaskData, TaskSettings, length_of, train_batches
+from quality.tasks import TASK_KIND, TaskData, length_of, train_batches
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 WARMUP_RATIO = _DEFAULTS["warmup_ratio"]  # 0.06
@@ -39,44 +48,55 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def train_run(ctx: Context, model, params, data: TaskData, task: str, s: TaskSettings, lr: float,
-              seed: int, log=None) -> dict:
-    """``s.steps`` shipped optimizer steps over the batches of ``seed``, at the shipped schedule
-    peaking at ``lr``. Returns the step times (first 3 left out), the first and last losses and
-    whether the run diverged (a NaN/Inf loss or gradient: stopped there)."""
-    kind, device = TASK_KIND[task], _device(model)
-    opt = make_optimizer(params, lr, WEIGHT_DECAY)
-    warmup = warmup_steps(s.steps, WARMUP_RATIO)
-    model.train()
-    times, losses = [], []
-    diverged = False
-    for step, idx in enumerate(train_batches(data.train, s.batch, s.steps, seed)):
-        batch = collate([data.train[i] for i in idx], ctx.pad_id)
-        t0 = time.perf_counter()
+def batches_digest(batches: list[list[int]]) -> str:
+    return hashlib.sha256(repr(batches).encode()).hexdigest()[:16]
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...`` then ``pm.mib`` (see the module docstring)."""
+
+    _libc = None
+
+    def __init__(self, device):
+        self.device = device
+        self.mib = float("nan")
+        self.how = ""
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.how = "cuda max_memory_allocated"
+            return self
         try:
-            done = optimizer_step(model, params, opt, [batch], kind, device, lr_at(step, s.steps, warmup, lr), CLIP)
-        except NonFinite:
-            diverged = True
-            break
-        times.append(time.perf_counter() - t0)
-        losses.append(done.loss)
-    del opt
-    return {"step_s": times[3:] if len(times) > 3 else times, "loss_first": losses[:5], "loss_last": losses[-10:],
-            "diverged": diverged}
+            if PeakMemory._libc is None:
+                PeakMemory._libc = ctypes.CDLL("libc.so.6")
+                PeakMemory._libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so frees go back
+            PeakMemory._libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _status_kib("VmRSS")
+            self.how = "rss high-water mark"
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        elif self.base is not None:
+            self.mib = (_status_kib("VmHWM") - self.base) / 1024
+        return False
 
 
-def evaluate(ctx: Context, model, examples: list, task: str, eval_batch: int) -> dict:
-    """``{"acc", "loss"}`` of the shipped ``evaluate`` (mean loss per example), on the examples
-    sorted by length so batches carry little padding; the model is put back in train mode."""
-    order = sorted(range(len(examples)), key=lambda i: length_of(examples[i]))
-    got = shipped_evaluate(model, [examples[i] for i in order], TASK_KIND[task], ctx.pad_id, eval_batch,
-                           _device(model))
-    model.train()
-    loss = got["loss"] if math.isfinite(got["loss"]) else float("inf")
-    return {"acc": got["accuracy"], "loss": loss}
-
-
-def _rss_kib(field_name: str) -> int:
+def _status_kib(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field_name + ":"):
@@ -84,36 +104,74 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
-def memory_probe(ctx: Context, data: TaskData, task: str, method: Method, s: TaskSettings, lr: float) -> dict:
-    """Peak RSS increase over 3 shipped optimizer steps on the batch of the ``s.batch`` longest
-    training examples, from the RSS once the model, adapter and optimizer are built."""
-    model, params, _ = build_method(ctx, task, method, 0)
-    opt = make_optimizer(params, lr, WEIGHT_DECAY)
-    longest = sorted(range(len(data.train)), key=lambda i: -length_of(data.train[i]))[: s.batch]
-    batch = collate([data.train[i] for i in longest], ctx.pad_id)
+def train_run(ctx: Context, model, params, data: TaskData, task: str, steps: int, batch: int, lr: float,
+              seed: int) -> dict:
+    """``steps`` shipped optimizer steps over the batches of ``seed``, at the shipped schedule
+    peaking at ``lr``. torch is seeded with ``seed`` again just before the first step, so the
+    dropout masks of a seed are the same for every method too. Returns the step times (first 3 left
+    out), the first and last losses, the peak memory, the batch order's digest and whether the run
+    diverged (a NaN/Inf loss or gradient: stopped there)."""
+    import torch
+
     kind, device = TASK_KIND[task], _device(model)
+    order = train_batches(data.train, batch, steps, seed)
+    opt = make_optimizer(params, lr, WEIGHT_DECAY)
+    warmup = warmup_steps(steps, WARMUP_RATIO)
     model.train()
-    gc.collect()
-    reset = True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        reset = False
-    base = _rss_kib("VmRSS")
+    times, losses = [], []
     diverged = False
-    for _ in range(3):
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    with PeakMemory(device) as pm:
+        for step, idx in enumerate(order):
+            batch_t = collate([data.train[i] for i in idx], ctx.pad_id)
+            t0 = time.perf_counter()
+            try:
+                done = optimizer_step(model, params, opt, [batch_t], kind, device, lr_at(step, steps, warmup, lr),
+                                      CLIP)
+            except NonFinite:
+                diverged = True
+                break
+            times.append(time.perf_counter() - t0)
+            losses.append(done.loss)
+    del opt
+    step_s = times[3:] if len(times) > 3 else times
+    return {"steps": len(times), "train_s": time.perf_counter() - t_start,
+            "step_ms": 1e3 * statistics.median(step_s) if step_s else float("nan"),
+            "loss_first": losses[:3], "loss_last": losses[-5:], "diverged": diverged,
+            "peak_mib": pm.mib, "peak_how": pm.how, "batches_sha": batches_digest(order)}
+
+
+def evaluate(ctx: Context, model, examples: list, task: str, eval_batch: int) -> dict:
+    """``{"acc", "loss", "seconds"}`` of the shipped ``evaluate`` (mean loss per example), on the
+    examples sorted by length so batches carry little padding; the model is put back in train mode."""
+    t0 = time.perf_counter()
+    order = sorted(range(len(examples)), key=lambda i: length_of(examples[i]))
+    got = shipped_evaluate(model, [examples[i] for i in order], TASK_KIND[task], ctx.pad_id, eval_batch,
+                           _device(model))
+    model.train()
+    loss = got["loss"] if math.isfinite(got["loss"]) else float("inf")
+    return {"acc": got["accuracy"], "loss": loss, "seconds": time.perf_counter() - t0}
+
+
+def time_steps(ctx: Context, model, params, data: TaskData, task: str, batches: list[list[int]]) -> list[float]:
+    """Seconds of one shipped optimizer step on each of ``batches`` (at a constant lr of 1e-4)."""
+    kind, device = TASK_KIND[task], _device(model)
+    opt = make_optimizer(params, 1e-4, WEIGHT_DECAY)
+    model.train()
+    out = []
+    for idx in batches:
+        batch_t = collate([data.train[i] for i in idx], ctx.pad_id)
+        t0 = time.perf_counter()
         try:
-            optimizer_step(model, params, opt, [batch], kind, device, lr, CLIP)
+            optimizer_step(model, params, opt, [batch_t], kind, device, 1e-4, CLIP)
         except NonFinite:
-            diverged = True
-            break
-    peak = _rss_kib("VmHWM")
-    return {"peak_delta_mib": (peak - base) / 1024, "rss_base_mib": base / 1024, "hwm_reset": reset,
-            "batch_shape": list(batch["input_ids"].shape), "diverged": diverged}
+            pass
+        out.append(time.perf_counter() - t0)
+    return out
 
 
-def interleaved_step_ms(ctx: Context, data: TaskData, task: str, methods: list[Method], s: TaskSettings,
+def interleaved_step_ms(ctx: Context, data: TaskData, task: str, methods: list[Method], batch: int,
                         reps: int) -> dict:
     """Median ms of one training step per method, all methods built side by side and stepped in
     rotation on the same batches (batch ``i`` for every method in repetition ``i``; the order
@@ -125,14 +183,14 @@ def interleaved_step_ms(ctx: Context, data: TaskData, task: str, methods: list[M
         model, params, _ = build_method(ctx, task, m, 0)
         model.train()
         built.append((m.name, model, params, make_optimizer(params, 1e-4, WEIGHT_DECAY)))
-    batches = [collate([data.train[i] for i in idx], ctx.pad_id) for idx in train_batches(data.train, s.batch, reps, 0)]
+    batches = [collate([data.train[i] for i in idx], ctx.pad_id) for idx in train_batches(data.train, batch, reps, 0)]
     times: dict[str, list[float]] = {name: [] for name, *_ in built}
-    for rep, batch in enumerate(batches):
+    for rep, batch_t in enumerate(batches):
         shift = rep % len(built)
         for name, model, params, opt in built[shift:] + built[:shift]:
             t0 = time.perf_counter()
             try:
-                optimizer_step(model, params, opt, [batch], kind, _device(model), 1e-4, CLIP)
+                optimizer_step(model, params, opt, [batch_t], kind, _device(model), 1e-4, CLIP)
             except NonFinite:
                 continue
             if rep >= 2:
@@ -142,7 +200,7 @@ def interleaved_step_ms(ctx: Context, data: TaskData, task: str, methods: list[M
     return {name: 1e3 * statistics.median(t) for name, t in times.items() if t}
 
 
-def gradient_share(ctx: Context, data: TaskData, task: str, s: TaskSettings, ks=(1, 4, 16), batches: int = 8) -> dict:
+def gradient_share(ctx: Context, data: TaskData, task: str, batch: int, ks=(1, 4, 16), batches: int = 8) -> dict:
     """Where the task gradient lies, for the 36 target matrices of the pretrained model: the gradient of
     the loss summed over the first ``batches`` training batches (seed 0) of full fine-tuning (the head
     as initialised with seed 0), and the share of its squared norm that falls on NeuroAda's support
@@ -156,9 +214,9 @@ def gradient_share(ctx: Context, data: TaskData, task: str, s: TaskSettings, ks=
     model, _, _ = build_method(ctx, task, Method("full", "full"), 0)
     model.train()
     kind, device = TASK_KIND[task], _device(model)
-    for idx in train_batches(data.train, s.batch, batches, 0):
-        batch = collate([data.train[i] for i in idx], ctx.pad_id)
-        loss_sum, _ = compute_loss(model, batch, kind, device)
+    for idx in train_batches(data.train, batch, batches, 0):
+        batch_t = collate([data.train[i] for i in idx], ctx.pad_id)
+        loss_sum, _ = compute_loss(model, batch_t, kind, device)
         (loss_sum / len(idx)).backward()
     params = dict(model.named_parameters())
     out = {}
@@ -168,7 +226,7 @@ def gradient_share(ctx: Context, data: TaskData, task: str, s: TaskSettings, ks=
         r = ctx.budget.lora_r(k)
         total = support = lowrank = oracle = rand = 0.0
         for n in sorted(index.indices):
-            g = params[names[n]].grad.double()
+            g = params[names[n]].grad.double().cpu()
             total += float((g ** 2).sum())
             rand += float((g ** 2).sum()) * k / g.shape[1]  # k random inputs per row: k / d_in of each row's energy
             support += float((g.gather(1, index.indices[n].long()) ** 2).sum())

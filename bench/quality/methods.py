@@ -1,10 +1,14 @@
 """The methods the quality benchmark compares, built on the same pretrained model with matched
-budgets: NeuroAda (the shipped ``attach``), LoRA and Super-Tuning (``peft``), head-only and full.
+budgets: NeuroAda (the shipped ``attach``; magnitude, gradient or random selection), LoRA and
+Super-Tuning (``peft``), head-only and full fine-tuning.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +18,7 @@ TARGET_REGEX = (
     r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
     r"|intermediate\.dense|output\.dense)"
 )
+REFERENCE = "neuroada-k4-magnitude"  # the method every other is compared with, seed by seed
 
 
 @dataclass(frozen=True)
@@ -22,26 +27,39 @@ class Method:
     kind: str  # neuroada | lora | supertuning | head | full
     k: int = 0  # NeuroAda budget this method is matched to
     lrs: tuple[float, ...] = ()
+    criterion: str = "magnitude"  # neuroada: magnitude | gradient | random (drawn with the run's seed)
 
 
-def methods_for(quick: bool) -> list[Method]:
-    """Every method with its learning-rate grid (``quick``: the upper two lrs of each)."""
-    ms = [
-        Method("neuroada-k1", "neuroada", 1, (3e-3, 1e-2, 3e-2)),
-        Method("neuroada-k4", "neuroada", 4, (2e-3, 6e-3, 2e-2)),
-        Method("neuroada-k16", "neuroada", 16, (1e-3, 3e-3, 1e-2)),
-        Method("lora-k1", "lora", 1, (1e-3, 3e-3, 1e-2)),
-        Method("lora-k4", "lora", 4, (1e-3, 3e-3, 1e-2)),
-        Method("lora-k16", "lora", 16, (1e-3, 3e-3, 1e-2)),
+# One grid per method family (the three NeuroAda criteria share theirs; each picks its own lr).
+NEUROADA_GRID = (2e-3, 6e-3, 2e-2)
+LORA_GRID = (1e-3, 3e-3, 1e-2)
+HEAD_GRID = (1e-3, 3e-3, 1e-2)
+FULL_GRID = (2e-5, 6e-5, 2e-4)
+
+
+def methods_for(quick: bool) -> tuple[list[Method], list[Method]]:
+    """``(the protocol's methods, extra methods --methods may name)``, with their lr grids
+    (``quick``: the upper two lrs of each)."""
+    main = [
+        Method("neuroada-k4-magnitude", "neuroada", 4, NEUROADA_GRID, "magnitude"),
+        Method("neuroada-k4-gradient", "neuroada", 4, NEUROADA_GRID, "gradient"),
+        Method("neuroada-k4-random", "neuroada", 4, NEUROADA_GRID, "random"),
+        Method("lora-k4", "lora", 4, LORA_GRID),
+        Method("supertuning-k4", "supertuning", 4, NEUROADA_GRID),
+        Method("full", "full", 0, FULL_GRID),
+        Method("head", "head", 0, HEAD_GRID),
+    ]
+    extra = [
+        Method("neuroada-k1-magnitude", "neuroada", 1, (3e-3, 1e-2, 3e-2)),
+        Method("neuroada-k16-magnitude", "neuroada", 16, (1e-3, 3e-3, 1e-2)),
+        Method("lora-k1", "lora", 1, LORA_GRID),
+        Method("lora-k16", "lora", 16, (3e-4, 1e-3, 3e-3)),
         Method("supertuning-k1", "supertuning", 1, (3e-3, 1e-2, 3e-2)),
-        Method("supertuning-k4", "supertuning", 4, (2e-3, 6e-3, 2e-2)),
         Method("supertuning-k16", "supertuning", 16, (1e-3, 3e-3, 1e-2)),
-        Method("head", "head", 0, (1e-3, 3e-3, 1e-2)),
-        Method("full", "full", 0, (3e-5, 1e-4, 3e-4)),
     ]
     if quick:  # two lrs each: exercises the pick without the cost
-        ms = [Method(m.name, m.kind, m.k, m.lrs[1:]) for m in ms]
-    return ms
+        main, extra = ([Method(m.name, m.kind, m.k, m.lrs[1:], m.criterion) for m in ms] for ms in (main, extra))
+    return main, extra
 
 
 @dataclass
@@ -60,15 +78,28 @@ class Budget:
         return 1.0 - k * self.sum_dout / self.sum_numel
 
 
-class Context:
-    """Model folder, tokenizer, cached indices and the budget counts."""
+@dataclass(frozen=True)
+class Calibration:
+    """What the gradient criterion calibrates on: the first training records, as trained on."""
 
-    def __init__(self, model_dir: Path):
+    task: str
+    records: tuple  # JSON-able records (``tasks.bench_records``)
+    max_length: int
+    batch: int
+
+
+class Context:
+    """Model folder, tokenizer, device, cached indices and the budget counts."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu"):
         from transformers import AutoTokenizer
 
         self.model_dir = model_dir
+        self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self._index: dict[int, object] = {}
+        self._index: dict[tuple, object] = {}
+        self.calibration: dict[str, Calibration] = {}
+        self.index_seconds: dict[tuple, float] = {}
         idx = self.index(1)
         shapes = [tuple(idx.entries[n].shape) for n in sorted(idx.indices)]
         self.targets = sorted(idx.indices)
@@ -77,12 +108,38 @@ class Context:
             sum_numel=sum(d * i for d, i in shapes), n_targets=len(shapes),
         )
 
-    def index(self, k: int):
-        if k not in self._index:
-            from neuroada_tools.index.build import build_index
+    def index(self, k: int, criterion: str = "magnitude", seed: int = 0, task: str | None = None):
+        """The NeuroAda index: ``build_index`` (magnitude; random with ``seed``) or, for ``gradient``,
+        ``run_gradient_index`` (the library function behind ``index --criterion gradient``) on
+        ``self.calibration[task]``, written to a temporary file and read back."""
+        import time
 
-            self._index[k] = build_index(self.model_dir, k)
-        return self._index[k]
+        key = (k, criterion, seed if criterion == "random" else 0, task if criterion == "gradient" else None)
+        if key not in self._index:
+            t0 = time.perf_counter()
+            if criterion == "gradient":
+                self._index[key] = self._gradient_index(k, self.calibration[task])
+            else:
+                from neuroada_tools.index.build import build_index
+
+                self._index[key] = build_index(self.model_dir, k, criterion=criterion,
+                                               seed=seed if criterion == "random" else None)
+            self.index_seconds[key] = time.perf_counter() - t0
+        return self._index[key]
+
+    def _gradient_index(self, k: int, cal: Calibration):
+        from neuroada_tools.index.gradient import Calibration as LibCalibration
+        from neuroada_tools.index.gradient import run_gradient_index
+        from neuroada_tools.io.sidecar import read_index
+
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "calibration.json"
+            data.write_text(json.dumps(list(cal.records)))
+            out = Path(tmp) / "gradient.index.safetensors"
+            run_gradient_index(self.model_dir, k, out, LibCalibration(
+                data=data, examples=len(cal.records), batch_size=cal.batch, max_length=cal.max_length,
+                task=TASK_KIND[cal.task], device=self.device))
+            return read_index(out)
 
     @property
     def pad_id(self) -> int:
@@ -97,15 +154,25 @@ def _load(ctx: Context, task: str):
     return load_model(ctx.model_dir, kind, config=cfg)
 
 
+def tensor_digest(tensors) -> str:
+    """sha256 (first 16 hex) of the tensors' bytes, in order: equal digests, equal values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_method(ctx: Context, task: str, method: Method, seed: int):
-    """``(model to call, trainable parameters, info)`` for ``method``, seeded with ``seed``."""
+    """``(model to call, trainable parameters, info)`` for ``method``, seeded with ``seed``: torch is
+    seeded before the model is loaded, so the task head of a seed is the same for every method
+    (``info["head_sha"]``)."""
     import torch
 
     torch.manual_seed(seed)
-    raw = _load(ctx, task)
+    raw = _load(ctx, task).to(ctx.device)
     prefix = raw.base_model_prefix + "."
     head = [p for n, p in raw.named_parameters() if not n.startswith(prefix)]
-    info: dict = {}
+    info: dict = {"head_sha": tensor_digest(head)}
     model = raw
     if method.kind == "full":
         for p in raw.parameters():
@@ -116,8 +183,10 @@ def build_method(ctx: Context, task: str, method: Method, seed: int):
     elif method.kind == "neuroada":
         from neuroada_tools.train.bypass import attach
 
-        deltas = attach(raw, ctx.index(method.k))
+        index = ctx.index(method.k, method.criterion, seed, task)
+        deltas = attach(raw, index)
         info["adapted"] = len(deltas)
+        info["index_sha"] = tensor_digest(index.indices[n] for n in sorted(index.indices))
     elif method.kind in ("lora", "supertuning"):
         import peft
 

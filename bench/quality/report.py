@@ -1,118 +1,147 @@
-"""The markdown tables of the quality benchmark, and the merging of several result files."""
+"""The markdown of the quality benchmark, rendered from the records of ``--results`` alone."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 
+from quality.methods import REFERENCE
+from quality.stats import mean_std, paired_interval
 
-def merge_results(parts: list[dict]) -> dict:
-    """One result dict from several (one per task process, or several --json files)."""
-    runs = [p for p in parts if "tasks" in p]
-    out = dict(runs[0])
-    out["tasks"], out["settings"] = {}, {}
-    for p in runs:
-        out["tasks"].update(p["tasks"])
-        out["settings"].update(p["settings"])
-    for p in parts:  # --timing-only results: the interleaved step times, and the command that made them
-        if "timing" in p:
-            for task, t in p["timing"].items():
-                if task in out["tasks"]:
-                    out["tasks"][task].update(t)
-            out.setdefault("timing_commands", []).append(p["command"])
-    out["elapsed_s"] = max(p.get("elapsed_s", 0) for p in runs)
-    return out
+TITLE = {"arc": "ARC-Easy (multiple choice, question + each option)",
+         "boolq": "BoolQ (question only, 2-way classification)"}
 
 
-def finish(results: dict, args) -> int:
-    """Print the markdown; write it to ``--out`` and the results to ``--json``."""
-    md = markdown(results)
-    print(md, flush=True)
-    if args.out:
-        args.out.write_text(md)
-    if args.json and not args.render:
-        args.json.write_text(json.dumps(results, indent=1))
-    return 0
+def markdown(records: list[dict], only: set[str] | None = None) -> str:
+    """One section per protocol found in ``records`` (``only``: these protocol ids)."""
+    protocols = list({r["protocol"]: r for r in reversed(records)  # one per id (workers may each write it)
+                      if r["phase"] == "protocol" and (only is None or r["protocol"] in only)}.values())[::-1]
+    if not protocols:
+        return "No finished runs.\n"
+    lines: list[str] = []
+    for p in protocols:
+        lines += _section(p, [r for r in records if r["protocol"] == p["protocol"] and r["phase"] != "protocol"])
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}"
 
 
 def _fmt_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
-def markdown(results: dict) -> str:
-    lines = []
-    b = results["budget"]
-    lines.append(f"Command: `{results['command']}` (threads {results['threads']}, torch {results['torch']}, "
-                 f"peft {results['peft']}); wall time {results.get('elapsed_s', 0) / 60:.0f} min.")
-    for c in results.get("timing_commands", []):
-        lines.append(f"Interleaved step times: `{c}`.")
-    if results.get("incomplete"):
-        lines.append(f"**Incomplete run**: {results['incomplete']}.")
-    lines.append("")
-    for task, tres in results["tasks"].items():
-        lines += _task_section(task, tres, results["settings"][task])
-    lines.append(f"Budgets: {b['n_targets']} target matrices, sum d_out = {b['sum_dout']:,}, "
-                 f"sum d_in*d_out = {b['sum_numel']:,}. Trainable counts include the task head. "
-                 "lr+: the extra lr tried because the pick was at an end of the grid; (edge): the chosen lr is "
-                 "still at an end of the (extended) grid.")
-    return "\n".join(lines) + "\n"
+def _median(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.median(xs) if xs else None
 
 
-def _task_section(task: str, tres: dict, st: dict) -> list[str]:
-    note = tres["note"]
-    if task == "boolq":
-        head = (f"### BoolQ (question only, 2-way classification): test {note['test']} of {note['test_total']}, "
-                f"majority class ('{note['majority_label']}') {100 * note['majority_test']:.2f}% "
-                f"({100 * note['majority_test_all']:.2f}% on the whole test split)")
+def _section(p: dict, recs: list[dict]) -> list[str]:
+    st, note = p["settings"], p["note"]
+    task = st["task"]
+    runs = [r for r in recs if r["phase"] in ("sweep", "test")]
+    env = runs[0] if runs else {}
+    if task == "arc":
+        base = f"chance {100 * note['chance_test']:.2f}% (options per question: {note['options']})"
     else:
-        head = (f"### ARC-Easy (multiple choice, question + each option): test {note['test']} of "
-                f"{note['test_total']}, chance {100 * note['chance_test']:.2f}% "
-                f"(options per question: {note['options']})")
-    lines = [head, "",
-             f"{st['steps']} steps x batch {st['batch']}, max_length {st['max_length']}; train {note['train']}, "
-             f"dev (held out of train, picks the lr) {note['dev']}.", ""]
-    timing = tres.get("timing_ms", {})
-    if task == "boolq":
-        p = note["majority_test"]
-        prior = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-        lines += [f"Test loss of always predicting the class prior: {prior:.4f}.", ""]
-    else:
-        opts = note["options"]
-        prior = sum(n * math.log(int(c)) for c, n in opts.items()) / sum(opts.values())
-        lines += [f"Test loss of a uniform guess: {prior:.4f}.", ""]
-    lines.append("| method | trainable (share of base) | lr grid | chosen lr | dev acc "
-                 "| test acc, mean ± std (3 seeds) | seeds | test loss | step ms, interleaved | step ms, in the runs "
-                 "| peak RSS +MiB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in tres["methods"].items():
-        info = r["info"]
-        share = 100 * info["trainable"] / info["base_total"]
-        extra = f", r={info['r']}" if "r" in info else ""
-        best = next(x for x in r["sweep"] if x["lr"] == r["lr"])
-        seeds = " / ".join(f"{100 * x['test_acc']:.1f}" for x in r["seeds"])
-        planned = len(r.get("lrs_planned", r["sweep"]))  # lr+: tried past an end of the planned grid
-        grid = ", ".join(f"{x['lr']:.3g}" + (" (nan)" if x["diverged"] else "") + ("+" if i >= planned else "")
-                         for i, x in enumerate(r["sweep"]))
-        edge = " (edge)" if len(r["lrs"]) > 2 and r["lr"] in (min(r["lrs"]), max(r["lrs"])) else ""
-        mem = r.get("memory", {})
-        mem_s = f"{mem['peak_delta_mib']:.0f}" if "peak_delta_mib" in mem else ("n/a" if not mem else "error")
-        t_s = f"{timing[name]:.0f}" if name in timing else "n/a"
+        base = f"majority class ('{note['majority_label']}') {100 * note['majority_test']:.2f}%"
+    whole = "the whole split" if note["test"] == note["test_total"] else f"a fixed subset of {note['test_total']}"
+    span = f"{st['epochs']} epoch(s)" if st.get("steps") is None else "fixed steps"
+    lines = [f"### {TITLE.get(task, task)}: protocol `{p['protocol']}`", "",
+             f"Test {note['test']} questions ({whole}), {base}. Train {note['train']}, validation {note['val']} "
+             f"(the last {100 * st['val_frac']:.0f}% of the training file; picks the lr). {span} = "
+             f"{st['steps_total']} steps x batch {st['batch']}, max_length {st['max_length']}. Device "
+             f"{st['device']}, threads {env.get('threads', '?')}, torch {env.get('torch', '?')}, "
+             f"peft {env.get('peft', '?')}. Gradient criterion: calibrated on the first {note['calibration']} "
+             "training records.", ""]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    tests = {m: {r["seed"]: r for r in runs if r["method"] == m and r["phase"] == "test"} for m in methods}
+    ref = {s: r["test_acc"] for s, r in tests.get(REFERENCE, {}).items() if r.get("test_acc") is not None}
+    lines += ["| method | trainable (share of base) | lr grid: val acc | chosen lr | test acc, mean ± std (seeds) "
+              f"| per seed | test loss | minus {REFERENCE}, paired (95% t-interval) | step ms | peak +MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    intervals = {}
+    for m in methods:
+        sweep = sorted((r for r in runs if r["method"] == m and r["phase"] == "sweep"), key=lambda r: r["lr"])
+        t = tests[m]
+        if not t:
+            lines.append(f"| {m} | | " + ", ".join(f"{r['lr']:.3g}: {_pct(r['val_acc'])}" for r in sweep)
+                         + " | (pending) | | | | | | |")
+            continue
+        first = next(iter(t.values()))
+        share = 100 * first["trainable"] / first["base_total"]
+        extra = f", r={first['r']}" if first.get("r") else ""
+        accs = {s: r["test_acc"] for s, r in t.items() if r.get("test_acc") is not None}
+        mean, sd = mean_std(list(accs.values())) if accs else (None, None)
+        seeds = " / ".join(_pct(t[s].get("test_acc")) for s in sorted(t))
+        losses = [r["test_loss"] for r in t.values() if r.get("test_loss") is not None]
+        planned = {f"{x:.6g}" for x in sweep[0].get("grid", [])} if sweep else set()
+        grid = ", ".join(f"{r['lr']:.3g}" + ("+" if planned and f"{r['lr']:.6g}" not in planned else "")
+                         + f": {_pct(r['val_acc'])}" + (" (nan)" if r.get("diverged") else "") for r in sweep)
+        lr = first["lr"]
+        edge = " (edge)" if len(sweep) > 2 and lr in (sweep[0]["lr"], sweep[-1]["lr"]) else ""
+        if m == REFERENCE:
+            diff = "(reference)"
+        else:
+            iv = paired_interval(accs, ref)
+            intervals[m] = iv
+            diff = ("n/a" if iv is None else
+                    f"{100 * iv['mean']:+.2f} [{100 * iv['lo']:+.2f}, {100 * iv['hi']:+.2f}] (n={len(iv['seeds'])})")
+        step = _median(r.get("step_ms") for r in t.values())
+        peak = _median(r.get("peak_mib") for r in t.values())
         lines.append(
-            f"| {name}{extra} | {_fmt_count(info['trainable'])} ({share:.3f}%) | {grid} | {r['lr']:.3g}{edge} | "
-            f"{100 * best['dev_acc']:.1f} | **{100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f}** | {seeds} | "
-            f"{statistics.mean(x['test_loss'] for x in r['seeds']):.4f} | {t_s} | {r['step_ms']:.0f} | {mem_s} |"
-        )
+            f"| {m}{extra} | {_fmt_count(first['trainable'])} ({share:.3f}%) | {grid} | {lr:.3g}{edge} | "
+            f"**{_pct(mean)} ± {_pct(sd)}** ({len(accs)}) | {seeds} | "
+            f"{(statistics.mean(losses) if losses else float('nan')):.4f} | {diff} | "
+            f"{'n/a' if step is None else f'{step:.0f}'} | {'n/a' if peak is None else f'{peak:.0f}'} |")
     lines.append("")
-    ms = tres["methods"]
-    for k in sorted({r["k"] for r in ms.values() if r["k"]}):
-        row = {r["kind"]: r for r in ms.values() if r["k"] == k}
-        if "neuroada" in row and len(row) > 1:
-            na = row["neuroada"]
-            diffs = ", ".join(
-                f"{kind} {100 * (na['test_mean'] - r['test_mean']):+.2f}"
-                for kind, r in row.items() if kind != "neuroada"
-            )
-            lines.append(f"- k={k}: NeuroAda minus {diffs} points")
-    lines.append("")
+    lines += _notes(runs, tests, intervals, recs)
     return lines
+
+
+def _notes(runs: list[dict], tests: dict, intervals: dict, recs: list[dict]) -> list[str]:
+    out = []
+    ivs = [iv for iv in intervals.values() if iv]
+    if ivs:
+        df = {iv["df"] for iv in ivs}
+        tq = {f"{iv['t']:.3f}" for iv in ivs}
+        out.append(f"Paired differences: per seed, the method's test accuracy minus {REFERENCE}'s (same batches, head "
+                   "initialisation and dropout masks), in points; mean and 95% t-interval over the seeds "
+                   f"(degrees of freedom {', '.join(map(str, sorted(df)))}, t = {', '.join(sorted(tq))}). An interval "
+                   "that contains 0 does not tell the two methods apart.")
+    # the pairing, checked from the records
+    by_seed: dict[int, set] = {}
+    for r in (r for m in tests.values() for r in m.values()):
+        by_seed.setdefault(r["seed"], set()).add((r.get("batches_sha"), r.get("head_sha")))
+    bad = sorted(s for s, v in by_seed.items() if len(v) > 1)
+    if by_seed:
+        out.append("Pairing check (from the records): " + (
+            "every method of a seed trained on the same batch order and started from the same head."
+            if not bad else f"seeds {bad} differ in batch order or head between methods."))
+    step_kind = {r.get("peak_how") for r in runs if r.get("peak_how")}
+    out.append("Step ms: median over the test runs of each run's median step (forward, backward, clipping, "
+               "AdamW), first 3 steps left out. Peak +MiB: median over the test runs of the rise of "
+               f"{' / '.join(sorted(step_kind)) or 'peak memory'} over the training steps (the base weights "
+               "not counted).")
+    seconds = sum((r.get("train_s") or 0) + (r.get("val_s") or 0) + (r.get("test_s") or 0) + (r.get("build_s") or 0)
+                  for r in runs if not r.get("reused_sweep"))
+    n_train = sum(1 for r in runs if not r.get("reused_sweep"))
+    stamps = sorted(r["time"] for r in runs if r.get("time"))
+    span = ""
+    if len(stamps) > 1:
+        from datetime import datetime
+
+        first, last = (datetime.fromisoformat(x) for x in (stamps[0], stamps[-1]))
+        span = f"; {(last - first).total_seconds() / 3600:.2f} h from the first finished run to the last"
+    out.append(f"Runs: {n_train} trainings, {seconds / 3600:.2f} h of training and scoring summed over them (worker "
+               f"processes run side by side){span}. lr+: the one extra lr past a grid end; (edge): the pick is "
+               "still at an end.")
+    timing = [r for r in recs if r["phase"] == "timing"]
+    if timing:
+        t = timing[-1]
+        out.append("Step ms interleaved (all methods built side by side, stepped in rotation on the same "
+                   f"{t['reps']} batches, median after 2 warm-up): "
+                   + ", ".join(f"{m} {v:.0f}" for m, v in t["step_ms"].items()) + ".")
+    out.append("")
+    return out

@@ -1,10 +1,15 @@
-"""The two tasks of the quality benchmark: settings, data (BoolQ questions, ARC-Easy options) and
-the length-grouped batch order. Tokenization is the shipped example builders'
+"""The tasks of the quality benchmark: settings, data (ARC-Easy options, BoolQ questions), the split
+and the length-grouped batch order. Tokenization is the shipped example builders'
 (``neuroada_tools.train.data``); what is the benchmark's own is the split and the batch order.
+
+The split: the last ``val_frac`` of the training file (in file order) is held out for picking the
+learning rate, the rest is trained on, so the first records of the file (the gradient criterion's
+calibration set) are always training records. The test split is scored whole unless ``test`` caps it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,29 +18,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TASK_KIND = {"boolq": "classification", "arc": "multiple-choice"}  # the train-sparse task of each
 TASK_FOLDER = {"boolq": "boolq", "arc": "arc-easy"}
-SPLIT_SEED = 1234  # the dev slice of train and the test subset
-SEEDS = (0, 1, 2)
+SPLIT_SEED = 1234  # the test subset, when one is asked for
+MEGA = 50  # batches per length-sorted megabatch
 
 
 @dataclass(frozen=True)
 class TaskSettings:
-    steps: int
+    epochs: int
     batch: int  # examples (questions for arc) per step
     max_length: int
-    dev: int  # held-out train examples for the lr pick
-    test: int | None  # test examples scored (None: all)
+    val_frac: float  # held-out share of the training file (its end) for the lr pick
+    test: int | None  # test examples scored (None: the whole split)
     eval_batch: int
-    train_limit: int | None = None  # use only this many training examples (quick mode)
+    train_limit: int | None = None  # use only the first this many training records (quick mode)
+    steps: int | None = None  # override epochs: this many steps
+    calibration: int = 256  # gradient criterion: the first this many training records
 
 
-# Sized for about an hour on a shared 2-core CPU (see BENCHMARKS.md): 11 methods x 5 runs per task.
-FULL = {
-    "boolq": TaskSettings(steps=100, batch=16, max_length=64, dev=500, test=2000, eval_batch=128),
-    "arc": TaskSettings(steps=80, batch=4, max_length=96, dev=160, test=400, eval_batch=32),
+# ARC sized from measured step times (``--estimate``, 2 worker processes) for about 2.5 h on the shared
+# 2-core CPU: 2 epochs (252 steps of 16) projected 2.0 h (2.4 h with every extra lr) at load 1.7, 4.4 h at
+# load 3.2 (neighbours holding a core); ``--epochs 1``: 1.2 h and 2.5 h.
+PROTOCOL = {
+    "arc": TaskSettings(epochs=2, batch=16, max_length=128, val_frac=0.1, test=None, eval_batch=8),
+    "boolq": TaskSettings(epochs=1, batch=16, max_length=64, val_frac=0.1, test=None, eval_batch=128),
 }
 QUICK = {
-    "boolq": TaskSettings(steps=6, batch=8, max_length=64, dev=32, test=64, eval_batch=32, train_limit=200),
-    "arc": TaskSettings(steps=4, batch=2, max_length=64, dev=12, test=24, eval_batch=12, train_limit=100),
+    "arc": TaskSettings(epochs=1, batch=4, max_length=64, val_frac=0.1, test=24, eval_batch=12, train_limit=120,
+                        steps=4, calibration=16),
+    "boolq": TaskSettings(epochs=1, batch=8, max_length=64, val_frac=0.1, test=48, eval_batch=32, train_limit=200,
+                          steps=4, calibration=16),
 }
 
 
@@ -71,22 +82,30 @@ def boolq_question(instruction: str) -> str:
 class TaskData:
     task: str
     train: list
-    dev: list
+    val: list
     test: list
+    calibration: list  # the first training records, as the benchmark feeds them (gradient criterion)
     note: dict = field(default_factory=dict)
 
 
-def _split(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
+def _subset(n: int, k: int, seed: int) -> list[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).tolist()
-    return perm[:k], perm[k:]
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+def bench_records(task: str, recs: list[dict]) -> list[dict]:
+    """The records as the benchmark trains on them: ARC as is; BoolQ as ``{"text": question,
+    "label": 0 | 1}`` (false, true), which ``train-sparse``'s classification reader takes as is."""
+    if task == "arc":
+        return recs
+    return [{"text": boolq_question(r["instruction"]), "label": int(r["answer"] == "true")} for r in recs]
 
 
 def load_task(task: str, data_dir: Path, tokenizer, s: TaskSettings, with_test: bool = True) -> TaskData:
-    """Train, dev (held out of train) and test examples of ``task``, and a note on their sizes and
-    the majority-class / chance accuracy."""
+    """Train, val (the end of the training file) and test examples of ``task``, the calibration
+    records, and a note on their sizes and the majority-class / chance accuracy."""
     from neuroada_tools.train.data import (
         build_classification_examples,
         build_multiple_choice_examples,
@@ -98,37 +117,34 @@ def load_task(task: str, data_dir: Path, tokenizer, s: TaskSettings, with_test: 
     for p in (train_path, test_path):
         if not p.is_file():
             raise SystemExit(f"{p}: missing (set NEUROADA_DATA to the folder holding boolq/ and arc-easy/)")
-    train_recs = list(read_records(train_path))
-    test_recs = list(read_records(test_path)) if with_test else train_recs[:1]
+    train_recs = bench_records(task, list(read_records(train_path)))
+    test_recs = bench_records(task, list(read_records(test_path)) if with_test else train_recs[:1])
     if s.train_limit is not None:
         train_recs = train_recs[: s.train_limit]
 
     def build(recs):
         if task == "boolq":
-            rows = [{"text": boolq_question(r["instruction"]), "answer": r["answer"]} for r in recs]
-            ex, _ = build_classification_examples(
-                rows, tokenizer, max_length=s.max_length, label_field="answer", text_field="text",
-                label_names=["false", "true"],
-            )
+            ex, _ = build_classification_examples(recs, tokenizer, max_length=s.max_length, label_field="label",
+                                                  text_field="text", num_labels=2)
         else:
             ex = build_multiple_choice_examples(recs, tokenizer, max_length=s.max_length)
         return ex
 
     train_all, test_all = build(train_recs), build(test_recs)
-    dev_idx, train_idx = _split(len(train_all), min(s.dev, len(train_all) // 4), SPLIT_SEED)
+    n_val = max(1, math.ceil(s.val_frac * len(train_all)))
+    n_train = len(train_all) - n_val
     if s.test is not None and s.test < len(test_all):
-        test_idx = sorted(_split(len(test_all), s.test, SPLIT_SEED + 1)[0])
+        test_idx = _subset(len(test_all), s.test, SPLIT_SEED + 1)
     else:
         test_idx = list(range(len(test_all)))
-    data = TaskData(task, [train_all[i] for i in train_idx], [train_all[i] for i in dev_idx],
-                    [test_all[i] for i in test_idx])
+    data = TaskData(task, list(train_all)[:n_train], list(train_all)[n_train:], [test_all[i] for i in test_idx],
+                    train_recs[: min(s.calibration, n_train)])
     labels = [ex["label"] for ex in data.test]
-    note = {"train": len(data.train), "dev": len(data.dev), "test": len(data.test), "test_total": len(test_all),
-            "truncated_train": train_all.stats.truncated, "truncated_test": test_all.stats.truncated}
+    note = {"train": len(data.train), "val": len(data.val), "test": len(data.test), "test_total": len(test_all),
+            "truncated_train": train_all.stats.truncated, "truncated_test": test_all.stats.truncated,
+            "calibration": len(data.calibration)}
     if task == "boolq":
         note["majority_test"] = max(labels.count(0), labels.count(1)) / len(labels)
-        all_labels = [ex["label"] for ex in test_all]
-        note["majority_test_all"] = max(all_labels.count(0), all_labels.count(1)) / len(all_labels)
         note["majority_label"] = "true" if labels.count(1) >= labels.count(0) else "false"
     else:
         counts = [len(ex["input_ids"]) for ex in data.test]
@@ -144,9 +160,20 @@ def length_of(ex) -> int:
     return max(len(r) for r in ids) if ids and isinstance(ids[0], list) else len(ids)
 
 
+def steps_per_epoch(n: int, batch: int) -> int:
+    """Batches ``train_batches`` cuts one epoch of ``n`` examples into (full batches only)."""
+    mega = MEGA * batch
+    return (n // mega) * MEGA + (n % mega) // batch
+
+
+def total_steps(s: TaskSettings, n_train: int) -> int:
+    return s.steps if s.steps is not None else s.epochs * steps_per_epoch(n_train, s.batch)
+
+
 def train_batches(examples: list, batch: int, steps: int, seed: int) -> list[list[int]]:
     """``steps`` lists of example indices: per epoch a seeded permutation cut into megabatches of 50
-    batches, each sorted by length and cut into batches; the batch order is then shuffled."""
+    batches, each sorted by length and cut into batches; the batch order is then shuffled. Depends
+    on the seed (and the examples) only: every method of a seed sees the same batches."""
     import torch
 
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -154,10 +181,12 @@ def train_batches(examples: list, batch: int, steps: int, seed: int) -> list[lis
     while len(out) < steps:
         perm = torch.randperm(len(examples), generator=g).tolist()
         epoch = []
-        mega = 50 * batch
+        mega = MEGA * batch
         for s in range(0, len(perm), mega):
             chunk = sorted(perm[s : s + mega], key=lambda i: -length_of(examples[i]))
             epoch += [chunk[j : j + batch] for j in range(0, len(chunk), batch) if len(chunk[j : j + batch]) == batch]
+        if not epoch:
+            raise ValueError(f"{len(examples)} examples make no batch of {batch}")
         order = torch.randperm(len(epoch), generator=g).tolist()
         out += [epoch[i] for i in order]
     return out[:steps]
