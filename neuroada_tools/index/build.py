@@ -188,20 +188,19 @@ def run_index(
         progress_total(sum(ckpt.tensors[t.name].raw.nbytes for t in targets))
     with atomic_file(output) as tmp:
         index = _build(ckpt, targets, ks, k, criterion, seed, progress, output=tmp)
-    digest = index.digest
+    return summarize(output, index, ckpt, targets, ks, clipped, started)
+
+
+def summarize(output: Path | str, index, ckpt: Checkpoint, targets, ks: dict[str, int], clipped: list,
+              started: float, **extra) -> IndexSummary:
+    """The ``IndexSummary`` of an index just written (every criterion's ``run_*`` ends with it)."""
     trainable = sum(t.d_out * ks[t.name] for t in targets)
     total = ckpt.total_parameters
     return IndexSummary(
-        output=str(output),
-        sha256=digest,
-        k=k,
-        criterion=criterion,
-        tensors_adapted=len(targets),
-        trainable_parameters=trainable,
-        model_parameters=total,
+        output=str(output), sha256=index.digest, k=index.k, criterion=index.criterion,
+        tensors_adapted=len(targets), trainable_parameters=trainable, model_parameters=total,
         trainable_share=trainable / total if total else 0.0,
-        bytes_indexed=sum(ckpt.tensors[t.name].raw.nbytes for t in targets),
-        clipped=clipped,
+        bytes_indexed=sum(ckpt.tensors[t.name].raw.nbytes for t in targets), clipped=clipped,
         seconds=round(time.perf_counter() - started, 3),
-        selection_kernel="native" if native.kernel() is not None else "torch",
+        selection_kernel="native" if native.kernel() is not None else "torch", **extra,
     )

@@ -55,13 +55,12 @@ import torch
 
 from neuroada_tools.errors import ModelError, TargetError, TrainingError
 from neuroada_tools.hf import TASKS, default_task, load_model
-from neuroada_tools.index.build import IndexSummary, Progress, _build, plan
+from neuroada_tools.index.build import IndexSummary, Progress, _build, plan, summarize
 from neuroada_tools.index.targets import Target
 from neuroada_tools.io.checkpoint import Checkpoint, open_checkpoint
 from neuroada_tools.io.names import match_names
 from neuroada_tools.io.outputs import atomic_file, check_output
 from neuroada_tools.io.sidecar import file_digest
-from neuroada_tools.kernels import native
 from neuroada_tools.train.config import TrainConfig
 from neuroada_tools.train.data import collate
 from neuroada_tools.train.setup import DataSettings, pick_device, prepare_data, resolve_max_length, task_model_config
@@ -247,21 +246,8 @@ def run_gradient_index(
     }
     with atomic_file(output) as tmp:
         index = _build(ckpt, targets, ks, k, "gradient", None, output=tmp, scores=result.scores, calibration=meta)
-    trainable = sum(t.d_out * ks[t.name] for t in targets)
-    total = ckpt.total_parameters
-    return IndexSummary(
-        output=str(output),
-        sha256=index.digest,
-        k=k,
-        criterion="gradient",
-        tensors_adapted=len(targets),
-        trainable_parameters=trainable,
-        model_parameters=total,
-        trainable_share=trainable / total if total else 0.0,
-        bytes_indexed=sum(ckpt.tensors[t.name].raw.nbytes for t in targets),
-        clipped=clipped,
-        seconds=round(time.perf_counter() - started, 3),
-        selection_kernel="native" if native.kernel() is not None else "torch",
+    return summarize(
+        output, index, ckpt, targets, ks, clipped, started,
         calibration={
             **meta,
             "target_count": result.target_count,
