@@ -17,8 +17,8 @@ import torch
 
 from neuroada_tools.kernels import native
 from neuroada_tools.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.neuroada.*)
+from neuroada_tools.kernels.reference import sddmm as reference_sddmm
 from neuroada_tools.kernels.refresh import reference_refresh_
-from neuroada_tools.kernels.sddmm import reference_sddmm
 
 ROOT = Path(__file__).resolve().parents[1]
 

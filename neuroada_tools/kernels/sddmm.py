@@ -3,8 +3,8 @@
 Backends (``NEUROADA_KERNELS``, ``kernels/backend.py``): the Triton kernel
 (``kernels/triton_kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``), the compiled CPU kernel
 (``csrc/sddmm.c``), and the pure torch path: ``torch.sparse.sampled_addmm`` or a per-column gather.
-``kernels/ops.py`` registers ``sddmm`` as the torch op ``neuroada::sddmm``; ``reference_sddmm`` is
-the obviously-correct definition tests compare against."""
+``kernels/ops.py`` registers ``sddmm`` as the torch op ``neuroada::sddmm``; ``kernels/reference.py``
+holds the definition every backend is tested against."""
 
 from __future__ import annotations
 
@@ -153,7 +153,3 @@ def _sddmm_columns(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch
         out[:, j] = picked.mul_(gf).sum(0)
     return out
 
-
-def reference_sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The definition, in fp64 then fp32: ``(g^T x)`` gathered at ``idx`` (dense; tests only)."""
-    return (g.double().t() @ x.double()).gather(1, idx.long()).float()
