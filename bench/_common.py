@@ -63,3 +63,25 @@ def run_child_json(code: str, args: list[str], env: dict[str, str] | None = None
     if p.returncode != 0:
         raise SystemExit(f"child {args[:1]} failed:\n{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def build_llama_50m(model_dir: Path, *, layers: int = 4, vocab: int = 32000) -> Path:
+    """The 50M Llama of the training benchmarks (hidden 1024, intermediate 2816, 16 heads, random fp32
+    weights) with a small BPE tokenizer, written as a model folder (cached: built once)."""
+    if (model_dir / "config.json").exists():
+        return model_dir
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from fixtures.build import train_bpe_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_bpe_tokenizer()
+    cfg = LlamaConfig(hidden_size=1024, num_hidden_layers=layers, intermediate_size=2816, vocab_size=vocab,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir

@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 RANK_SCRIPT = r"""
 import json, os, resource, sys
@@ -56,22 +57,11 @@ with open(sys.argv[2] + f".rank{rank}.json", "w") as f:
 
 def build(folder: Path, examples: int) -> dict[str, Path]:
     """The model folder (with a small BPE tokenizer), its k=20 index and a text data file."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _common import build_llama_50m
 
-    from fixtures.build import train_bpe_tokenizer
     from neuroada_tools.index.build import run_index
 
-    model_dir = folder / "llama-50m"
-    if not (model_dir / "config.json").exists():
-        torch.manual_seed(0)
-        tok = train_bpe_tokenizer()
-        cfg = LlamaConfig(hidden_size=1024, num_hidden_layers=4, intermediate_size=2816, vocab_size=32000,
-                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                          tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
+    model_dir = build_llama_50m(folder / "llama-50m")
     index = folder / "llama-50m.k20.index.safetensors"
     if not index.exists():
         run_index(model_dir, 20, index)

@@ -29,23 +29,12 @@ PROMPT_WORDS = ("sparse neuron delta weight train model row column index merge e
 
 def build(folder: Path, quick: bool) -> dict[str, Path]:
     """Model folder, k=20 index and an instruction data file of ~330-token examples (cached)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _common import build_llama_50m
 
-    from fixtures.build import train_bpe_tokenizer
     from neuroada_tools.index.build import run_index
 
     name = "llama-quick" if quick else "llama-50m"
-    model_dir = folder / name
-    tok = None
-    if not (model_dir / "config.json").exists():
-        torch.manual_seed(0)
-        tok = train_bpe_tokenizer()
-        cfg = LlamaConfig(hidden_size=1024, num_hidden_layers=2 if quick else 4, intermediate_size=2816,
-                          vocab_size=8000 if quick else 32000, num_attention_heads=16, num_key_value_heads=16,
-                          max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
+    model_dir = build_llama_50m(folder / name, layers=2 if quick else 4, vocab=8000 if quick else 32000)
     index = folder / f"{name}.k20.index.safetensors"
     if not index.exists():
         run_index(model_dir, 20, index)
@@ -53,7 +42,7 @@ def build(folder: Path, quick: bool) -> dict[str, Path]:
     if not data.exists():
         from transformers import AutoTokenizer
 
-        tok = tok or AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
         records = []
         for i in range(64):
             words = [PROMPT_WORDS[(i * 5 + j * 3) % len(PROMPT_WORDS)] for j in range(400)]
