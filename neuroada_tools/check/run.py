@@ -35,7 +35,7 @@ from neuroada_tools.check.parity import (
 )
 from neuroada_tools.check.rounding import check_rounding, needs_rounding_check
 from neuroada_tools.errors import NeuroAdaError, ParityError
-from neuroada_tools.hf import first_line, load_model, task_config
+from neuroada_tools.hf import DTYPE_NAMES, first_line, load_model, task_config
 from neuroada_tools.hf.signature import first_id_within, input_vocab_size, uses_token_type_ids
 from neuroada_tools.io.sidecar import DeltaSidecar, read_delta, read_index
 from neuroada_tools.train import bypass
@@ -67,8 +67,7 @@ class CheckResult:
 
 
 def _dtype_key(model: torch.nn.Module) -> str:
-    dt = next(model.parameters()).dtype
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
+    return DTYPE_NAMES.get(next(model.parameters()).dtype, "fp32")
 
 
 _LOOSENESS = {"fp32": 0, "fp16": 1, "bf16": 2}
@@ -80,8 +79,8 @@ def _folder_dtype_key(folder: Path) -> str:
         cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "fp32"
-    name = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(name), "fp32")
+    name = (cfg.get("dtype") or cfg.get("torch_dtype")) if isinstance(cfg, dict) else None
+    return DTYPE_NAMES.get(getattr(torch, str(name), None), "fp32")
 
 
 def _looser(a: str, b: str) -> str:
