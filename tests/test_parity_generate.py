@@ -21,6 +21,7 @@ from neuroada_tools.errors import ParityError
 from neuroada_tools.export.merge import merge_to_folder
 from neuroada_tools.generate.decode import generate_ids
 from neuroada_tools.generate.sources import open_merged
+from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
 from tests.genkit import random_delta
 from tests.test_parity_inputs import _base_with_sidecars, _gpt2, _llama
 
@@ -115,3 +116,35 @@ def test_low_precision_tokens_are_reported_not_enforced(fixture_models, tmp_path
     merge_to_folder(fixture_models["qwen2"], ip, dp, tmp_path / "merged")
     r = run_check(fixture_models["qwen2"], ip, dp, merged_dir=tmp_path / "merged", generate=4)
     assert r.dtype == "bf16" and r.generation["enforced"] is False and r.generation_passed
+
+
+# --------------------------------------------------------------------------- merge --generate
+
+
+def test_merge_generate_checks_the_tokens_of_what_it_wrote(decoder_forms, tmp_path):
+    f = decoder_forms("llama")
+    out = tmp_path / "merged"
+    r = run_cli("merge", *f.unmerged_args(), "--to", "safetensors", "-o", out, "--generate", 4, "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    g = json.loads(r.stdout)["parity"]["generation"]
+    assert g["passed"] and g["enforced"] and g["compared"] == ["merged_vs_unmerged"]
+    assert g["tokens"]["merged"] == g["tokens"]["unmerged"] and max(map(len, g["tokens"]["merged"])) == 4
+    human = run_cli("merge", *f.unmerged_args(), "-o", out, "--force", "--generate", 4, "-q")
+    assert human.exit_code == 0 and "greedy generation, 4 new tokens x 3 prompts" in human.stdout
+
+
+def test_merge_generate_is_refused_before_anything_is_written(decoder_forms, tmp_path):
+    f = decoder_forms("llama")
+    out = tmp_path / "merged"
+    r = run_cli("merge", *f.unmerged_args(), "-o", out, "--no-check", "--generate", 4)
+    assert r.exit_code == 2 and not out.exists()
+    assert r.stderr.strip().splitlines() == [
+        "error: --generate runs inside the parity check; leave out --no-check or --generate"]
+    index = read_index(f.index)
+    classifier = tmp_path / "cls.delta.safetensors"
+    write_delta(classifier, DeltaSidecar(index.digest, {n: torch.zeros(t.shape) for n, t in index.indices.items()},
+                                         {}, "sequence-classification", {}))
+    r = run_cli("merge", "--model", f.base, "--index", f.index, "--delta", classifier, "-o", out, "--generate", 4)
+    assert r.exit_code == 2 and not out.exists()
+    assert r.stderr.strip().splitlines() == [
+        f"error: {classifier}: --generate needs a causal-LM delta; this one is for sequence-classification"]

@@ -59,6 +59,15 @@ def parse_size(text: str | None) -> int | None:
     "--check/--no-check", default=True, show_default=True, help="Compare logits with the unmerged model after writing."
 )
 @click.option(
+    "--generate",
+    "generate",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="With --check, causal LMs: also decode N greedy tokens with each form; fp32 must give the same tokens.",
+)
+@click.option(
     "--provider",
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
@@ -80,6 +89,7 @@ def command(
     onnx_dtype,
     with_past,
     check,
+    generate,
     provider,
     force,
     as_json,
@@ -94,6 +104,8 @@ def command(
     from neuroada_tools.check.run import human as human_check
 
     shard = parse_size(max_shard_size)
+    if generate:
+        _check_generate_allowed(delta, check)
     summary: dict = {"to": to}
     if to == "safetensors":
         from neuroada_tools.export.merge import merge_to_folder
@@ -112,12 +124,12 @@ def command(
             )
         summary.update(s.to_dict())
         if check:
-            summary["parity"] = _check(model, index, delta, output, None, with_past, provider)
+            summary["parity"] = _check(model, index, delta, output, None, with_past, provider, generate)
     else:
         from neuroada_tools.export.pipeline import merge_to_onnx
 
         def parity(merged_dir: Path, onnx_dir: Path) -> dict:
-            return _check(model, index, delta, merged_dir, onnx_dir, with_past, provider)
+            return _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, generate)
 
         with progress_bar(quiet, "merge") as (set_total, advance, bar):
             r = merge_to_onnx(
@@ -151,12 +163,26 @@ def command(
     emit(summary, as_json, lambda d: _human(d, human_check))
 
 
-def _check(model, index, delta, merged_dir, onnx_dir, with_past, provider) -> dict:
+def _check_generate_allowed(delta: Path, check: bool) -> None:
+    """Refuse ``--generate`` before anything is written where it cannot run: without ``--check``, or for
+    a delta that is not a causal LM's (``--generate 8`` with a classifier's delta is one line, code 2)."""
+    from neuroada_tools.errors import OptionError
+    from neuroada_tools.io.sidecar import read_delta
+
+    if not check:
+        raise OptionError("--generate runs inside the parity check; leave out --no-check or --generate")
+    task = read_delta(delta).task or "causal-lm"
+    if task != "causal-lm":
+        raise OptionError(f"{delta}: --generate needs a causal-LM delta; this one is for {task}")
+
+
+def _check(model, index, delta, merged_dir, onnx_dir, with_past, provider, generate=0) -> dict:
     from neuroada_tools.check.run import run_check
     from neuroada_tools.io.checkpoint import resolve_input
 
     root, _ = resolve_input(model)
-    r = run_check(root, index, delta, merged_dir=merged_dir, onnx_dir=onnx_dir, with_past=with_past, provider=provider)
+    r = run_check(root, index, delta, merged_dir=merged_dir, onnx_dir=onnx_dir, with_past=with_past,
+                  provider=provider, generate=generate)
     return r.to_dict()
 
 
