@@ -59,9 +59,9 @@ def main(argv: list[str]) -> None:
         import neuroada_tools
 
         neuroada_tools.save_delta(trainer.model, out)
-    if torch.distributed.is_initialized():  # leave together: a rank that exits while gloo's threads
-        torch.distributed.barrier()  # still serve the process group can abort in teardown (SIGABRT)
-        torch.distributed.destroy_process_group()
+    from neuroada_tools.train.distributed import leave_group
+
+    leave_group()  # together: see train/distributed.finish
 
 
 if __name__ == "__main__":

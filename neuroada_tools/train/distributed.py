@@ -112,9 +112,24 @@ def device_of(dist: Dist, device: torch.device) -> torch.device:
     return device
 
 
-def finish(dist: Dist) -> None:
-    """Leave the process group (after the last collective)."""
-    if dist.enabled and torch.distributed.is_initialized():
+def finish(dist: Dist, *, together: bool = False) -> None:
+    """Leave the process group (after the last collective).
+
+    ``together=True`` (a run that ended well on every rank) waits for every rank first: a rank that
+    destroys the group while gloo's threads still serve a peer can abort in teardown (SIGABRT,
+    "terminate called without an active exception"), failing a job that trained correctly. After an
+    error a peer may be gone, so the group is left without that barrier.
+    """
+    if dist.enabled:
+        leave_group(together=together)
+
+
+def leave_group(*, together: bool = True) -> None:
+    """Destroy the default process group if there is one; with ``together``, after a barrier.
+    Also for user scripts under torchrun (e.g. around ``NeuroAdaTrainer``)."""
+    if torch.distributed.is_initialized():
+        if together:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -104,9 +104,12 @@ def train(
     cfg.check()
     dist = distributed.start(cfg.fsdp, cfg.dist_timeout, cfg.device)
     try:
-        return _train(cfg, dist, on_start, on_step)
-    finally:
-        distributed.finish(dist)
+        result = _train(cfg, dist, on_start, on_step)
+    except BaseException:
+        distributed.finish(dist)  # a peer may be gone: no barrier
+        raise
+    distributed.finish(dist, together=True)
+    return result
 
 
 def _model_digest(ckpt) -> str:
