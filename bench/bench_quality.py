@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the quality package
 
-from quality.estimate import makespan, measure, project  # noqa: E402
+from quality.estimate import from_runs, makespan, measure, project  # noqa: E402
 from quality.measure import evaluate, gradient_share, interleaved_step_ms, train_run  # noqa: E402
 from quality.methods import REFERENCE, Budget, Calibration, Context, Method, build_method, methods_for  # noqa: E402
 from quality.report import markdown  # noqa: E402
@@ -36,7 +36,7 @@ from quality.tasks import (  # noqa: E402
 
 __all__ = [
     "Budget", "Calibration", "Context", "Method", "PROTOCOL", "QUICK", "REFERENCE", "Store", "TaskData",
-    "TaskSettings", "best", "boolq_question", "build_method", "evaluate", "extension", "gradient_share",
+    "TaskSettings", "best", "boolq_question", "build_method", "evaluate", "extension", "from_runs", "gradient_share",
     "interleaved_step_ms", "load_task", "main", "makespan", "markdown", "measure", "methods_for", "paired_interval",
     "project", "protocol_of", "run_method", "steps_per_epoch", "t_quantile", "train_batches", "train_run",
 ]

@@ -223,9 +223,40 @@ def test_quick_run_through_workers_and_estimate(fixture_models, data_dir, tmp_pa
     md = out.read_text()
     assert "### ARC-Easy" in md and "### BoolQ" in md and "| neuroada-k4-gradient |" in md
     p = subprocess.run([*base, "--estimate", "--workers", "1", "--estimate-steps", "2", "--methods",
-                        "neuroada-k4-magnitude,head"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        "neuroada-k4-magnitude,neuroada-k1-magnitude", "--results", str(results)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "**Projected total:" in p.stdout and "| head |" in p.stdout
+    assert "**Projected total:" in p.stdout
+    runs = sum(1 for r in recs if r["task"] == "arc" and r["method"] == "neuroada-k4-magnitude" and "train_s" in r)
+    assert f"| neuroada-k4-magnitude | 3 (+1) | {runs} runs |" in p.stdout  # projected from the finished runs
+    assert "| neuroada-k1-magnitude | 3 (+1) | 2 steps |" in p.stdout  # none finished: timed now
+
+
+def test_projection_from_finished_runs_uses_only_comparable_ones():
+    cfg = {"task": "arc", "model": "m1", "batch": 16, "max_length": 128, "eval_batch": 8, "device": "cpu",
+           "val": 100, "test": 1000}
+    recs = [{"phase": "protocol", "protocol": "p2", "settings": {**cfg, "epochs": 2}},
+            {"phase": "protocol", "protocol": "pb", "settings": {**cfg, "batch": 8}}]
+
+    def run(protocol, phase, train_s, steps=252, threads=1, **kw):
+        recs.append({"protocol": protocol, "phase": phase, "method": "neuroada-k4-magnitude", "threads": threads,
+                     "steps": steps, "train_s": train_s, "build_s": 0.5, "val_s": 20.0, **kw})
+
+    run("p2", "sweep", 530.0)
+    run("p2", "test", 480.0, test_s=200.0)  # 1.905 s per step: the least of the comparable runs
+    run("p2", "sweep", 100.0, diverged=True)  # stopped early: not a step cost
+    run("p2", "sweep", 100.0, threads=2)  # another thread count
+    run("pb", "sweep", 100.0)  # another batch size
+    m = bq.Method("neuroada-k4-magnitude", "neuroada", 4, (2e-3, 6e-3, 2e-2))
+    one_epoch = {**cfg, "epochs": 1}
+    rows = bq.from_runs(recs, one_epoch, [m, bq.Method("head", "head")], [0, 1, 2], 1, n_val=50, n_test=2000)
+    assert set(rows) == {"neuroada-k4-magnitude"}  # head has no runs: it is timed instead
+    r = rows[m.name]
+    assert r["step_s"] == pytest.approx(480.0 / 252) and r["from"] == "2 runs"
+    assert r["val_s"] == pytest.approx(10.0) and r["test_s"] == pytest.approx(400.0)  # per example x new sizes
+    assert r["runs"] == 5 and r["fixed_s"] == pytest.approx(5 * (0.5 + 10.0) + 3 * 400.0)
+    est = bq.project([r], "arc", 126, 126, 0, 1)
+    assert est["total_s"] == pytest.approx(r["fixed_s"] + 5 * 126 * 480.0 / 252)
 
 
 def test_makespan_and_lr_extension():

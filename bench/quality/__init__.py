@@ -43,15 +43,17 @@ same for every method; each record carries digests of its batch order and initia
 report checks them. Every method trains with the step that ships in ``train-sparse``
 (``neuroada_tools.train.steps``: ``make_optimizer``, AdamW without weight decay; ``optimizer_step``,
 the loss in fp32, clipping at 1.0, a NaN stops the run as diverged; ``lr_at``, linear warmup over
-``ceil(6%)`` of the steps, then linear decay) and is scored by its ``evaluate``. ARC: 2 epochs of 126
-steps x 16 questions, max_length 128 (no training question is cut).
+``ceil(6%)`` of the steps, then linear decay) and is scored by its ``evaluate``. ARC: 1 epoch of 126
+steps x 16 questions by default (about 2.5 h on 2 cores), ``--epochs 2`` for BENCHMARKS.md's table
+(about 4 h); max_length 128 (no training question is cut).
 
 Results: every finished training run is a line of ``--results`` (JSONL; method, seed, lr, accuracies,
 steps, seconds, peak memory, digests); runs already there are skipped, so the same command continues
 an interrupted benchmark; the report (``report.py``) is rendered from the file alone: mean ± std per
 method, and per method the paired difference to ``neuroada-k4-magnitude`` over the seeds with a 95%
 t-interval (``stats.py``), step time and peak memory (``measure.py``: what each counts).
-``--estimate`` measures a few steps per method and projects the wall time (``estimate.py``);
+``--estimate`` projects the wall time (``estimate.py``) from the finished runs of a comparable
+protocol in ``--results`` (any epochs), or else from a few steps it times per method;
 ``--workers`` spreads the methods over processes (``workers.py``); ``--device cuda`` runs on a GPU.
 
     .venv/bin/python bench/bench_quality.py [--estimate] [--quick] [--results runs.jsonl] [--out BENCH.md]

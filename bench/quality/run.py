@@ -14,7 +14,7 @@ from pathlib import Path
 
 import quality
 from quality import workers
-from quality.estimate import estimate_markdown, measure, project
+from quality.estimate import estimate_markdown, from_runs, measure, project
 from quality.measure import gradient_share, interleaved_step_ms
 from quality.methods import REFERENCE, Calibration, Context, methods_for
 from quality.report import markdown
@@ -148,7 +148,15 @@ def work(args, torch, tasks, methods, settings) -> int:
         log(f"{task}: protocol {protocol['id']}: {protocol['steps_total']} steps x batch {s.batch}; {data.note}")
         mine = (m for m in methods if workers.claim(args, task, m.name))  # lazily: one claim before each method
         if args.estimate:
-            rows = [row for m in mine for row in measure(ctx, data, task, s, [m], seeds, args.estimate_steps, log)]
+            past = from_runs(store.records, protocol, methods, seeds, args.threads, len(data.val), len(data.test))
+            rows = []
+            for m in mine:
+                if m.name in past:
+                    rows.append(past[m.name])
+                    log(f"  {task} {m.name}: from {past[m.name]['from']} in {args.results}: "
+                        f"{1e3 * past[m.name]['step_s']:.0f} ms per step")
+                else:
+                    rows += measure(ctx, data, task, s, [m], seeds, args.estimate_steps, log)
             if args._worker is not None:
                 workers.save_estimate(args, task, rows)
             else:

@@ -35,11 +35,11 @@ class TaskSettings:
     calibration: int = 256  # gradient criterion: the first this many training records
 
 
-# ARC sized from measured step times (``--estimate``, 2 worker processes) for about 2.5 h on the shared
-# 2-core CPU: 2 epochs (252 steps of 16) projected 2.0 h (2.4 h with every extra lr) at load 1.7, 4.4 h at
-# load 3.2 (neighbours holding a core); ``--epochs 1``: 1.2 h and 2.5 h.
+# ARC sized for about 2.5 h on the 2-core CPU (2 worker processes of 1 thread) from the measured runs of the
+# 2-epoch protocol (``--estimate`` over their results file): 1 epoch (126 steps of 16) projects 2.1 h (2.5 h
+# with every extra lr); 2 epochs (``--epochs 2``, BENCHMARKS.md's table) 3.8-4.5 h.
 PROTOCOL = {
-    "arc": TaskSettings(epochs=2, batch=16, max_length=128, val_frac=0.1, test=None, eval_batch=8),
+    "arc": TaskSettings(epochs=1, batch=16, max_length=128, val_frac=0.1, test=None, eval_batch=8),
     "boolq": TaskSettings(epochs=1, batch=16, max_length=64, val_frac=0.1, test=None, eval_batch=128),
 }
 QUICK = {
