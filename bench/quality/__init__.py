@@ -44,8 +44,8 @@ report checks them. Every method trains with the step that ships in ``train-spar
 (``neuroada_tools.train.steps``: ``make_optimizer``, AdamW without weight decay; ``optimizer_step``,
 the loss in fp32, clipping at 1.0, a NaN stops the run as diverged; ``lr_at``, linear warmup over
 ``ceil(6%)`` of the steps, then linear decay) and is scored by its ``evaluate``. ARC: 1 epoch of 126
-steps x 16 questions by default (about 2.5 h on 2 cores), ``--epochs 2`` for BENCHMARKS.md's table
-(about 4 h); max_length 128 (no training question is cut).
+steps x 16 questions by default (about 2 h on 2 cores), ``--epochs 2`` for BENCHMARKS.md's table
+(3.2-3.7 h); max_length 128 (no training question is cut).
 
 Results: every finished training run is a line of ``--results`` (JSONL; method, seed, lr, accuracies,
 steps, seconds, peak memory, digests); runs already there are skipped, so the same command continues

@@ -35,9 +35,9 @@ class TaskSettings:
     calibration: int = 256  # gradient criterion: the first this many training records
 
 
-# ARC sized for about 2.5 h on the 2-core CPU (2 worker processes of 1 thread) from the measured runs of the
-# 2-epoch protocol (``--estimate`` over their results file): 1 epoch (126 steps of 16) projects 2.1 h (2.5 h
-# with every extra lr); 2 epochs (``--epochs 2``, BENCHMARKS.md's table) 3.8-4.5 h.
+# ARC sized for about 2.5 h on the 2-core CPU (2 worker processes of 1 thread), from the measured runs of the
+# 2-epoch protocol (``--estimate`` over their results file): 1 epoch (126 steps of 16) projects 1.9 h (2.1 h
+# with every extra lr); 2 epochs (``--epochs 2``, BENCHMARKS.md's table) 3.2 h (3.7 h).
 PROTOCOL = {
     "arc": TaskSettings(epochs=1, batch=16, max_length=128, val_frac=0.1, test=None, eval_batch=8),
     "boolq": TaskSettings(epochs=1, batch=16, max_length=64, val_frac=0.1, test=None, eval_batch=128),
