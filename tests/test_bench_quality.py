@@ -232,6 +232,18 @@ def test_quick_run_through_workers_and_estimate(fixture_models, data_dir, tmp_pa
     assert "| neuroada-k1-magnitude | 3 (+1) | 2 steps |" in p.stdout  # none finished: timed now
 
 
+def test_lrs_replaces_the_grid_and_bad_values_are_refused(fixture_models, data_dir, tmp_path, keep_threads, capsys):
+    results = tmp_path / "runs.jsonl"
+    args = _args(fixture_models, data_dir, results, "--methods", "head", "--seeds", "1", "--lrs", "3e-2,1e-4")
+    assert bq.main(args) == 0
+    sweep = sorted(r["lr"] for r in _lines(results) if r["phase"] == "sweep")
+    assert sweep[:2] == [1e-4, 3e-2] and len(sweep) <= 3  # the given grid (+ one extension past an end)
+    for bad, said in (("0.1,x", "not a comma list of numbers"), ("0,1e-3", "one or more positive")):
+        with pytest.raises(SystemExit) as e:
+            bq.main(_args(fixture_models, data_dir, results, "--lrs", bad))
+        assert e.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_projection_from_finished_runs_uses_only_comparable_ones():
     cfg = {"task": "arc", "model": "m1", "batch": 16, "max_length": 128, "eval_batch": 8, "device": "cpu",
            "val": 100, "test": 1000}

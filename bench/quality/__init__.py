@@ -54,9 +54,10 @@ method, and per method the paired difference to ``neuroada-k4-magnitude`` over t
 t-interval (``stats.py``), step time and peak memory (``measure.py``: what each counts).
 ``--estimate`` projects the wall time (``estimate.py``) from the finished runs of a comparable
 protocol in ``--results`` (any epochs), or else from a few steps it times per method;
-``--workers`` spreads the methods over processes (``workers.py``); ``--device cuda`` runs on a GPU.
+``--lrs`` replaces the grid of the chosen methods (an experiment beside the protocol: its own
+``--results``); ``--workers`` spreads the methods over processes (``workers.py``); ``--device cuda`` runs on a GPU.
 
     .venv/bin/python bench/bench_quality.py [--estimate] [--quick] [--results runs.jsonl] [--out BENCH.md]
-        [--tasks arc,boolq] [--methods a,b] [--seeds 3] [--epochs N] [--device cuda] [--workers 2]
+        [--tasks arc,boolq] [--methods a,b] [--seeds 3] [--epochs N] [--lrs a,b] [--device cuda] [--workers 2]
         [--threads 1] [--render] [--grad-share]
 """

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     ap.add_argument("--methods", default=None, help="comma list of method names (default: the protocol's 7)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick 2)")
     ap.add_argument("--epochs", type=int, default=None, help="override the epochs of every task")
+    ap.add_argument("--lrs", default=None,
+                    help="comma list: the lr grid of every chosen method instead of its family's (an experiment "
+                         "beside the protocol: give it its own --results)")
     ap.add_argument("--steps", type=int, default=None, help="override: this many steps per run")
     ap.add_argument("--results", type=Path, default=None,
                     help=f"JSONL of finished runs: appended to, and runs already there are skipped "
@@ -105,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         if n not in known:
             ap.error(f"unknown method {n!r} (choose from {', '.join(known)})")
     methods = [known[n] for n in names]
+    if args.lrs:
+        try:
+            lrs = tuple(sorted({float(x) for x in args.lrs.split(",") if x.strip()}))
+        except ValueError:
+            ap.error(f"--lrs {args.lrs!r}: not a comma list of numbers")
+        if not lrs or min(lrs) <= 0:
+            ap.error(f"--lrs {args.lrs!r}: give one or more positive learning rates")
+        methods = [replace(m, lrs=lrs) for m in methods]
     if args.seeds is None:
         args.seeds = 2 if args.quick else 3
     if args.seeds < 1:
