@@ -242,6 +242,9 @@ def test_lrs_replaces_the_grid_and_bad_values_are_refused(fixture_models, data_d
         with pytest.raises(SystemExit) as e:
             bq.main(_args(fixture_models, data_dir, results, "--lrs", bad))
         assert e.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # never into the protocol's own results file
+        bq.main(["--lrs", "1e-3", "--model", str(fixture_models["bert-base"]), "--data", str(data_dir)])
+    assert e.value.code == 2 and "give the experiment its own --results" in capsys.readouterr().err
 
 
 def test_projection_from_finished_runs_uses_only_comparable_ones():

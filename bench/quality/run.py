@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         if not lrs or min(lrs) <= 0:
             ap.error(f"--lrs {args.lrs!r}: give one or more positive learning rates")
         methods = [replace(m, lrs=lrs) for m in methods]
+        if args.results is not None and args.results.resolve() == DEFAULT_RESULTS.resolve():
+            ap.error(f"--lrs: give the experiment its own --results (not the protocol's {DEFAULT_RESULTS})")
     if args.seeds is None:
         args.seeds = 2 if args.quick else 3
     if args.seeds < 1:
