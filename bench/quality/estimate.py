@@ -13,8 +13,9 @@ neighbours' load: the projection is as good as the few seconds it was measured i
 A method that already has finished runs in ``--results`` of a comparable protocol (same task, model,
 batch, max_length, device and threads; any number of epochs) is projected from those runs instead
 (:func:`from_runs`): a whole run's seconds per step include what a few timed steps miss (collation,
-the long batches' share, allocator growth): on the 2-core machine the few timed steps came out 1.5-2.6x
-faster per step than the 2-epoch protocol's whole runs, and its projection (2.1 h) half the measured cost.
+the long batches' share, allocator growth): on the 2-core machine (2026-12-04) 4 timed steps per method came
+out 1.2-2.2x faster per step than the same method's quietest whole 2-epoch run (head 2.2x, LoRA 2.0x,
+magnitude 1.5x), and projected 2.1 h for a protocol that the finished runs project at 3.2 h.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ def _spread(items: list, n: int) -> list:
     return [items[int((i + 0.5) * len(items) / n)] for i in range(n)]
 
 
+def _row(m: Method, seeds: list[int], build_s: float, step_s: float, val_s: float, test_s: float, index_s: float,
+         source: str, load: float | None) -> dict:
+    """A method's costs and the runs it makes: ``len(grid)`` sweep runs and ``seeds - 1`` more (seed 0
+    is the sweep's), a build and a validation scoring each, a test scoring per seed, the calibration once;
+    ``ext_fixed_s``: what the extra lr past a grid end adds besides its steps."""
+    runs = len(m.lrs) + len(seeds) - 1
+    return {"method": m.name, "build_s": build_s, "step_s": step_s, "val_s": val_s, "test_s": test_s, "runs": runs,
+            "index_s": index_s, "fixed_s": runs * (build_s + val_s) + len(seeds) * test_s + index_s,
+            "ext_fixed_s": build_s + val_s, "load": load, "from": source}
+
+
 def measure(ctx: Context, data: TaskData, task: str, s: TaskSettings, methods: list[Method], seeds: list[int],
             n_steps: int, log) -> list[dict]:
     """One row per method: build, mean step, validation and test scoring seconds, and the runs it makes."""
@@ -62,11 +74,8 @@ def measure(ctx: Context, data: TaskData, task: str, s: TaskSettings, methods: l
         val_s = evaluate(ctx, model, val_slice, task, s.eval_batch)["seconds"] * len(data.val) / len(val_slice)
         test_s = evaluate(ctx, model, test_slice, task, s.eval_batch)["seconds"] * len(data.test) / len(test_slice)
         release(model)
-        runs = len(m.lrs) + len(seeds) - 1
-        rows.append({"method": m.name, "build_s": build_s, "step_s": step_s, "epoch_s": step_s * per_epoch,
-                     "val_s": val_s, "test_s": test_s, "runs": runs, "index_s": index_s,
-                     "fixed_s": runs * (build_s + val_s) + len(seeds) * test_s + index_s,
-                     "ext_fixed_s": build_s + val_s, "load": os.getloadavg()[0], "from": f"{len(picks)} steps"})
+        rows.append(_row(m, seeds, build_s, step_s, val_s, test_s, index_s, f"{len(picks)} steps",
+                         os.getloadavg()[0]))
         log(f"  {task} {m.name}: build {build_s:.1f}s, step {1e3 * step_s:.0f} ms (mean of {len(picks)} at "
             f"quantiles of padded size), val {val_s:.0f}s, test {test_s:.0f}s"
             + (f", calibration {index_s:.0f}s" if index_s else ""))
@@ -106,11 +115,7 @@ def from_runs(records: list[dict], protocol: dict, methods: list[Method], seeds:
         val_s = min(val) * n_val if val else 0.0
         test_s = min(test) * n_test if test else val_s * n_test / max(1, n_val)
         index_s = statistics.median(index) if index else 0.0
-        n_runs = len(m.lrs) + len(seeds) - 1
-        rows[m.name] = {"method": m.name, "build_s": build_s, "step_s": step_s, "epoch_s": 0.0, "val_s": val_s,
-                        "test_s": test_s, "runs": n_runs, "index_s": index_s,
-                        "fixed_s": n_runs * (build_s + val_s) + len(seeds) * test_s + index_s,
-                        "ext_fixed_s": build_s + val_s, "load": 0.0, "from": f"{len(runs)} runs"}
+        rows[m.name] = _row(m, seeds, build_s, step_s, val_s, test_s, index_s, f"{len(runs)} runs", None)
     return rows
 
 
@@ -125,8 +130,6 @@ def makespan(times: list[float], workers: int) -> float:
 
 def project(rows: list[dict], task: str, per_epoch: int, steps_total: int, timing_reps: int, workers: int) -> dict:
     """The projected wall time for ``steps_total`` steps per run and for 1, 2, 3 epochs."""
-    for r in rows:
-        r["epoch_s"] = r["step_s"] * per_epoch
     timing_s = (max(0, timing_reps) * sum(r["step_s"] for r in rows) + sum(r["build_s"] for r in rows)
                 if timing_reps > 2 else 0.0)
 
@@ -139,21 +142,22 @@ def project(rows: list[dict], task: str, per_epoch: int, steps_total: int, timin
             "workers": workers, "timing_s": timing_s, "total_s": total(steps_total, False),
             "total_ext_s": total(steps_total, True),
             "by_epochs": {e: (total(e * per_epoch, False), total(e * per_epoch, True)) for e in (1, 2, 3)},
-            "load": max((r["load"] for r in rows), default=0.0)}
+            "load": max((r["load"] for r in rows if r["load"] is not None), default=None)}
 
 
 def estimate_markdown(est: dict) -> str:
+    load = (f"machine load average up to {est['load']:.1f} while measuring" if est["load"] is not None
+            else "every method from finished runs")
     lines = [f"Projected wall time, {est['task']}: {est['steps_total']} steps per run "
-             f"({est['steps_per_epoch']} per epoch), {est['workers']} worker process(es); machine load average up "
-             f"to {est['load']:.1f} while measuring.", "",
+             f"({est['steps_per_epoch']} per epoch), {est['workers']} worker process(es); {load}.", "",
              "| method | runs | from | build s | step ms | s per epoch | val scoring s | test scoring s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in est["rows"]:
-        lines.append(f"| {r['method']} | {r['runs']} (+1) | {r.get('from', '')} | {r['build_s']:.1f} | "
-                     f"{1e3 * r['step_s']:.0f} | {r['epoch_s']:.0f} | {r['val_s']:.0f} | {r['test_s']:.0f} |")
+        lines.append(f"| {r['method']} | {r['runs']} (+1) | {r['from']} | {r['build_s']:.1f} | "
+                     f"{1e3 * r['step_s']:.0f} | {r['step_s'] * est['steps_per_epoch']:.0f} | {r['val_s']:.0f} | "
+                     f"{r['test_s']:.0f} |")
     lines += ["", "from: *N runs* = the finished runs of a comparable protocol in the results file (seconds per "
-              "step of whole runs); *N steps* = timed just now on N batches (on the 2-core machine 1.5-2.6x "
-              "optimistic per step).",
+              "step of whole runs); *N steps* = timed just now on N batches (optimistic: see estimate.py).",
               "", f"Interleaved timing pass: {est['timing_s'] / 60:.1f} min.",
               f"**Projected total: {est['total_s'] / 3600:.2f} h** ({est['total_ext_s'] / 3600:.2f} h if every "
               "method needs its extra lr past a grid end).",
