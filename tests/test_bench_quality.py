@@ -237,7 +237,7 @@ def test_lrs_replaces_the_grid_and_bad_values_are_refused(fixture_models, data_d
     args = _args(fixture_models, data_dir, results, "--methods", "head", "--seeds", "1", "--lrs", "3e-2,1e-4")
     assert bq.main(args) == 0
     sweep = sorted(r["lr"] for r in _lines(results) if r["phase"] == "sweep")
-    assert sweep[:2] == [1e-4, 3e-2] and len(sweep) <= 3  # the given grid (+ one extension past an end)
+    assert sweep == [1e-4, 3e-2]  # the given grid (a 2-point grid gets no extension)
     for bad, said in (("0.1,x", "not a comma list of numbers"), ("0,1e-3", "one or more positive")):
         with pytest.raises(SystemExit) as e:
             bq.main(_args(fixture_models, data_dir, results, "--lrs", bad))
