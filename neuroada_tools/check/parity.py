@@ -69,6 +69,8 @@ cross zero. Argmax agreement is the fraction of positions whose top logit index 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,68 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "bf16": {"merged": Tolerance(1e-3, 1e-1), "onnx": Tolerance(1e-3, 1e-1), "tight": TIGHT},
     "fp16": {"merged": Tolerance(2e-4, 1.5e-2), "onnx": Tolerance(2e-4, 1.5e-2), "tight": TIGHT},
 }
+
+#: The calibrated rule's factor: a form may be at most this many times as far from the float64 evaluation
+#: of the unmerged model as that model's own run in its dtype is (module docstring, "Calibrated").
+NOISE_FACTOR = 4.0
+#: Whatever the measured noise, the calibrated bound is at least this many fp32 units of roundoff at the
+#: logit scale (a noise of 0, e.g. logits that happen to be exact, would otherwise demand bit equality).
+ULP_FLOOR = 8
+#: Exact: the same arithmetic gives the same bits (merged torch vs the fused bypass).
+EXACT = Tolerance(0.0)
+
+
+def calibrated_tolerance(noise: ParityReport, factor: float = NOISE_FACTOR) -> Tolerance:
+    """The bound for a form of the model from its measured noise floor (module docstring, "Calibrated").
+
+    ``noise`` compares the unmerged model's own run in its dtype with its float64 evaluation on the
+    same inputs. Example: noise max abs 9.4e-5 at logit scale 35 -> atol ``4 * 9.4e-5 = 3.8e-4``
+    (the floor, ``8 * 2**-23 * 35 = 3.3e-5``, is below it).
+    """
+    floor = ULP_FLOOR * 2.0**-23 * noise.ref_scale
+    return Tolerance(factor * max(noise.max_abs, floor))
+
+
+@contextmanager
+def evaluated_in(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator[nn.Module]:
+    """Run ``model`` with every floating-point parameter and buffer in ``dtype``; restore each after.
+
+    The restore is exact (float64 holds every fp32, bf16 and fp16 value), tensor by tensor, so a bf16
+    base keeps its fp32 deltas fp32. Tied parameters are converted once. Memory while inside: the
+    model's floating tensors in ``dtype`` (2x an fp32 model for float64), converted one at a time.
+    Example: ``with evaluated_in(model): logits64 = run_torch(model, inputs)``.
+    """
+    changed: list[tuple[dict, str, torch.dtype, bool]] = []
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for store, is_param in ((module._parameters, True), (module._buffers, False)):
+                for name, t in store.items():
+                    if t is None or not t.is_floating_point() or t.dtype == dtype or id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                    changed.append((store, name, t.dtype, is_param))
+                    if is_param:
+                        t.data = t.data.to(dtype)
+                    else:
+                        store[name] = t.to(dtype)
+    for module in model.modules():  # the fused layer's record of its last write no longer holds
+        if hasattr(module, "_neuroada_written"):
+            object.__setattr__(module, "_neuroada_written", None)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for store, name, orig, is_param in changed:
+                t = store[name]
+                if is_param:
+                    t.data = t.data.to(orig)
+                else:
+                    store[name] = t.to(orig)
+        for module in model.modules():
+            if hasattr(module, "_neuroada_written"):
+                object.__setattr__(module, "_neuroada_written", None)
+
 
 def tolerance_for(dtype: torch.dtype | str, kind: str) -> Tolerance:
     """``TOLERANCES`` entry for a torch dtype (or "fp32"/"bf16"/"fp16") and kind "merged"/"onnx"/"tight"."""
@@ -248,7 +312,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def run_torch(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of ``model`` on ``inputs`` (eval mode, no grad, no cache) as fp32 on the CPU.
+    """Logits of ``model`` on ``inputs`` (eval mode, no grad, no cache) as fp32 on the CPU (float64
+    where the model computed them in float64: ``evaluated_in``).
 
     Inputs the forward does not take are dropped. The model's train/eval mode is restored after.
     """
@@ -264,8 +329,13 @@ def run_torch(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor
             out = model(**feed)
     finally:
         model.train(was_training)
-    logits = out.logits if hasattr(out, "logits") else out
-    return logits.detach().float().cpu()
+    return _reference_logits(out.logits if hasattr(out, "logits") else out)
+
+
+def _reference_logits(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 on the CPU, or float64 where computed in float64 (no rounding of the reference)."""
+    logits = logits.detach()
+    return (logits if logits.dtype == torch.float64 else logits.float()).cpu()
 
 
 _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -384,7 +454,7 @@ def check_with_past(
         with torch.no_grad():
             kw = {"position_ids": position_ids_from_mask(mask, ids.shape[1]).to(device)} if use_pos else {}
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **kw)
-            prefill_ref = out.logits.float().cpu()
+            prefill_ref = _reference_logits(out.logits)
             cache = output_cache(out)
             flat_cache(cache, n_layers)  # refuses caches the graph cannot mirror
             last = mask.sum(dim=1) - 1
@@ -399,7 +469,7 @@ def check_with_past(
                 **{cache_kw: cache},
                 **kw,
             )
-            step_ref = out.logits.float().cpu()
+            step_ref = _reference_logits(out.logits)
     finally:
         model.train(was_training)
 

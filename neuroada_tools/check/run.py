@@ -23,11 +23,15 @@ import torch
 from neuroada_tools.check.generation import check_generation
 from neuroada_tools.check.generation import human as human_generation
 from neuroada_tools.check.parity import (
+    EXACT,
+    NOISE_FACTOR,
     PARITY_BATCH,
     PARITY_SEQ,
     ParityReport,
+    calibrated_tolerance,
     check_with_past,
     compare_logits,
+    evaluated_in,
     make_fresh_inputs,
     run_onnx,
     run_torch,
@@ -51,6 +55,7 @@ class CheckResult:
     seq: int
     comparisons: dict[str, dict] = field(default_factory=dict)
     generation: dict | None = None
+    noise: dict | None = None  # the measured noise floor the calibrated tolerances come from
 
     @property
     def passed(self) -> bool:
@@ -141,45 +146,64 @@ def run_check(
             mask = torch.ones(batch, dtype=torch.long)
         else:
             mask = inputs["attention_mask"]
-        ref = run_torch(unmerged, inputs)
+        ref_own = run_torch(unmerged, inputs)  # the reference path in the base dtype
+        with evaluated_in(unmerged):
+            ref = run_torch(unmerged, inputs)  # the same model evaluated in float64: the reference
+        noise = compare_logits(ref, ref_own, mask)
     result = CheckResult(dtype=key, task=task, batch=batch, seq=seq)
-    merged = None
 
     # a merge written in a lower precision than the base (merge --dtype bf16) is held to that one's
-    # tolerance; the tight fp32 comparison below is what catches a wrong entry there
+    # table tolerance; the tight fp32 comparison below is what catches a wrong entry there
     out_key = _looser(key, _folder_dtype_key(merged_dir if merged_dir is not None else onnx_dir or model_dir))
+    calibrated = out_key == key
+    form_tol = calibrated_tolerance(noise) if calibrated else None
+    result.noise = {"max_abs": noise.max_abs, "ref_scale": noise.ref_scale, "factor": NOISE_FACTOR,
+                    "calibrated": calibrated, "what": f"unmerged {key} vs float64"}
 
     def record(name: str, report: ParityReport, kind: str) -> None:
-        tol = tolerance_for(out_key if kind != "tight" else key, kind)
+        if kind == "exact":
+            tol = EXACT
+        elif kind == "tight":
+            tol = tolerance_for(key, "tight")
+        else:
+            tol = form_tol if form_tol is not None else tolerance_for(out_key, kind)
         limit = tol.limit(report.ref_scale)
         result.comparisons[name] = {
             "max_abs": report.max_abs, "max_rel": report.max_rel, "argmax_agreement": report.argmax_agreement,
             "positions": report.positions, "tolerance": limit, "passed": report.max_abs <= limit,
         }
 
+    merged = None
     if merged_dir is not None:
         with comparison_errors("merged_vs_unmerged"):
             merged = load_model(Path(merged_dir), task)
             merged.eval()
-            record("merged_vs_unmerged", compare_logits(ref, run_torch(merged, inputs), mask), "merged")
+            merged_logits = run_torch(merged, inputs)
+            if _folder_dtype_key(Path(merged_dir)) == key:  # the fused bypass does the merge's arithmetic
+                bypass.set_mode(unmerged, "fused")
+                try:
+                    record("merged_vs_fused", compare_logits(run_torch(unmerged, inputs), merged_logits, mask),
+                           "exact")
+                finally:
+                    bypass.set_mode(unmerged, "reference")
+            record("merged_vs_unmerged", compare_logits(ref, merged_logits, mask), "merged")
         if needs_rounding_check(unmerged, merged):
             with comparison_errors("merged_vs_unmerged_fp32"):
                 record("merged_vs_unmerged_fp32", check_rounding(unmerged, merged, inputs, mask, delta.dense), "tight")
     if onnx_dir is not None:
         with comparison_errors("onnx_vs_unmerged"):
             onnx_path = Path(onnx_dir) / "model.onnx"
-            feeds = {k: v for k, v in inputs.items()}
-            record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, feeds, provider), mask), "onnx")
+            record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, dict(inputs), provider), mask), "onnx")
         past = Path(onnx_dir) / "model_with_past.onnx"
         with_past = with_past or past.exists()
         if with_past:
-            with comparison_errors("onnx_with_past_step"):
-                bypass.set_mode(unmerged, "reference")
+            with comparison_errors("onnx_with_past_step"), evaluated_in(unmerged):
                 record("onnx_with_past_step", check_with_past(unmerged, past, inputs, provider=provider), "onnx")
     if generate:
         with comparison_errors("generate"):
             if task != "causal-lm":
                 raise ParityError(f"check --generate needs a causal-LM model; this delta is for {task}")
+            bypass.set_mode(unmerged, "fused")  # the merge's own arithmetic: a merged model decodes the same bits
             result.generation = check_generation(
                 unmerged, Path(model_dir), merged=merged, onnx_dir=onnx_dir, with_past=with_past, provider=provider,
                 new_tokens=generate, batch=batch, seq=seq, seed=seed, enforced=key == "fp32")
@@ -215,6 +239,10 @@ def comparison_errors(name: str) -> Iterator[None]:
 def human(result: dict) -> str:
     lines = [f"parity ({result['dtype']}, {result['task']}, fresh inputs batch {result['batch']} x seq "
         f"{result['seq']}, padded):"]
+    n = result.get("noise")
+    if n is not None and n["calibrated"]:
+        lines.append(f"  noise floor ({n['what']}) max abs {n['max_abs']:.3e}: forms within {n['factor']:g}x that "
+                     "of the float64 evaluation; merged_vs_fused exact")
     width = max([22, *map(len, result["comparisons"])])
     for n, c in result["comparisons"].items():
         lines.append(
