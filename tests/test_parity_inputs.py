@@ -152,7 +152,9 @@ def test_an_unexpected_error_in_a_comparison_is_one_line_naming_it(tmp_path, mon
     real = run_mod.compare_logits
 
     def broken(reference, other, mask):
-        raise IndexError("index out of range in self\n(a second line that must not show)")
+        if reference.dtype == torch.float32:  # merged vs fused (the noise floor's reference is float64)
+            raise IndexError("index out of range in self\n(a second line that must not show)")
+        return real(reference, other, mask)
 
     monkeypatch.setattr(run_mod, "compare_logits", broken)
     out = tmp_path / "merged"

@@ -107,7 +107,7 @@ def test_fp32_merges_have_no_tight_comparison(fixture_models, tmp_path):
     ip, dp = sidecars(fixture_models["mistral"], tmp_path)
     merge_to_folder(fixture_models["mistral"], ip, dp, tmp_path / "out")
     assert list(run_check(fixture_models["mistral"], ip, dp, merged_dir=tmp_path / "out").comparisons) == [
-        "merged_vs_unmerged"
+        "merged_vs_fused", "merged_vs_unmerged"
     ]
 
 
@@ -126,7 +126,7 @@ def _misplace_one_entry(monkeypatch) -> None:
     monkeypatch.setattr(merge_mod, "merge_tensor", wrong)
 
 
-def test_one_misplaced_entry_passes_the_bf16_bound_but_fails_the_tight_one(fixture_models, tmp_path, monkeypatch):
+def test_one_misplaced_entry_in_a_bf16_merge_fails_the_exact_and_tight_ones(fixture_models, tmp_path, monkeypatch):
     base = fixture_models["qwen2"]  # bf16
     ip, dp = sidecars(base, tmp_path)
     merge_to_folder(base, ip, dp, tmp_path / "good")
@@ -136,7 +136,8 @@ def test_one_misplaced_entry_passes_the_bf16_bound_but_fails_the_tight_one(fixtu
     assert r.exit_code == 1, r.output
     line = r.stderr.strip()
     assert "\n" not in line and re.fullmatch(
-        r"error: parity check failed \(bf16\): merged_vs_unmerged_fp32: max abs \S+ > tolerance \S+ .*", line
+        r"error: parity check failed \(bf16\): merged_vs_fused: max abs \S+ > tolerance 0 .*"
+        r"merged_vs_unmerged_fp32: max abs \S+ > tolerance \S+ .*", line
     ), line
     # exactly one entry moved: two values differ from the correct merge, in one row of one tensor
     good, bad = open_checkpoint(tmp_path / "good"), open_checkpoint(out)
@@ -146,10 +147,14 @@ def test_one_misplaced_entry_passes_the_bf16_bound_but_fails_the_tight_one(fixtu
     assert {row for row, _ in changed[MISPLACED]} == {0}
 
     result = run_check(base, ip, dp, merged_dir=out, raise_on_failure=False)
-    assert result.dtype == "bf16"  # the loose comparison applies TOLERANCES["bf16"]["merged"]: 1e-3 + 0.1 x scale
-    loose, tight = result.comparisons["merged_vs_unmerged"], result.comparisons["merged_vs_unmerged_fp32"]
-    assert loose["passed"] and loose["max_abs"] <= loose["tolerance"]  # the old bound alone lets this merge through
+    assert result.dtype == "bf16"
+    fused, tight = result.comparisons["merged_vs_fused"], result.comparisons["merged_vs_unmerged_fp32"]
+    assert not fused["passed"] and fused["tolerance"] == 0
     assert not tight["passed"] and tight["max_abs"] > 10 * tight["tolerance"]
+    # the old fixed bf16 bound (1e-3 + 0.1 x scale) alone lets this merge through
+    old = TOLERANCES["bf16"]["merged"]
+    loose = result.comparisons["merged_vs_unmerged"]
+    assert loose["max_abs"] <= old.atol + old.rtol * 7
     r = run_cli("check", "--model", base, "--index", ip, "--delta", dp, "--merged", out)
     assert r.exit_code == 1 and re.search(r"merged_vs_unmerged_fp32 +max abs .* FAILED", r.output)
 
