@@ -158,10 +158,25 @@ def test_cache_is_reused(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_index_has_210_tensors(smollm2_dir, tmp_path):
-    r = run_cli("index", smollm2_dir, "-k", 1, "-o", tmp_path / "x.index.safetensors", "--json", "-q")
+def test_smollm2_index_and_merge_keep_what_downstream_tools_read(smollm2_dir, tmp_path):
+    from neuroada_tools.export.merge import merge_to_folder
+    from neuroada_tools.hf import load_tokenizer
+    from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
+
+    ip, dp, out = tmp_path / "x.index.safetensors", tmp_path / "x.delta.safetensors", tmp_path / "merged"
+    r = run_cli("index", smollm2_dir, "-k", 1, "-o", ip, "--json", "-q")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["tensors_adapted"] == 210  # 30 layers x (q, k, v, o, gate, up, down)
+    index = read_index(ip)
+    write_delta(dp, DeltaSidecar(index.digest, {n: torch.full(t.shape, 1e-3) for n, t in index.indices.items()},
+                                 {}, "causal-lm", {}))
+    merge_to_folder(smollm2_dir, ip, dp, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in smollm2_dir.iterdir())
+    for name in ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (smollm2_dir / name).read_bytes(), name
+    chat = CHATS[1]
+    assert load_tokenizer(out).apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        load_tokenizer(smollm2_dir).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
 # ---------------------------------------------------------------- the cache logic (no real conversion)
