@@ -72,11 +72,14 @@ class ConvertSummary:
 def require_gguf_support(label: str) -> None:
     """Refuse, naming ``label``, when the packages transformers needs to read GGUF are missing."""
     missing = []
-    for module in ("gguf", "accelerate"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        missing.append("gguf")
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading requires it)
+    except ImportError:
+        missing.append("accelerate")
     if missing:
         raise GGUFError(
             f"{label}: reading GGUF needs the {' and '.join(repr(m) for m in missing)} package"
