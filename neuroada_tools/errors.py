@@ -19,6 +19,11 @@ class CheckpointError(NeuroAdaError):
     """A base checkpoint (file, shard, sharded index or folder) is missing or malformed."""
 
 
+class GGUFError(CheckpointError):
+    """A GGUF file cannot be converted: not GGUF, truncated, an architecture transformers cannot
+    read, or the ``gguf`` extra is not installed."""
+
+
 class SidecarError(NeuroAdaError):
     """An index or delta sidecar breaks a MUST of its spec in formats/."""
 

@@ -4,8 +4,11 @@ Per base tensor, one at a time: an adapted tensor becomes ``cast(fp32(W) + scatt
 (the scatter in logical (out, in) orientation, also for transposed Conv1D storage); every other
 tensor is copied (cast only if ``dtype`` asks). The base's sharding is kept (or re-cut by
 ``max_shard_size``), ``model.safetensors.index.json`` written where sharded, config and tokenizer
-files copied. Dense task-head tensors from the delta are added, and when the task model's names
-differ from the base checkpoint's (all-MiniLM-L6-v2 stores ``encoder.layer...``, a
+files copied. The folder always carries what downstream tools read: ``architectures`` in
+config.json (derived from the task's model class if the base lacks it), generation_config.json
+for causal LMs (derived from the config if the base lacks it) and the chat templates.
+Dense task-head tensors from the delta are added, and when the task model's names differ from the
+base checkpoint's (all-MiniLM-L6-v2 stores ``encoder.layer...``, a
 ``BertForSequenceClassification`` expects ``bert.encoder.layer...``) every tensor is written under
 the task model's name, so ``AutoModelFor...from_pretrained(out)`` loads with no missing or
 unexpected keys.
@@ -28,7 +31,7 @@ import torch
 
 from neuroada_tools import hf
 from neuroada_tools.check.binding import check_shapes
-from neuroada_tools.errors import SidecarError
+from neuroada_tools.errors import ModelError, SidecarError
 from neuroada_tools.io.checkpoint import INDEX_JSON, Checkpoint, open_checkpoint
 from neuroada_tools.io.names import match_names
 from neuroada_tools.io.outputs import check_output_dir, copy_file, remove_stale_temporaries, staged_dir, write_text
@@ -44,6 +47,7 @@ from neuroada_tools.io.sidecar import (
 
 SIDE_FILES_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NOT_COPIED = {INDEX_JSON, "config.json"}
+CHAT_TEMPLATES_DIR = "chat_templates"  # transformers' folder of named templates (tool_use.jinja, ...)
 
 
 @dataclass
@@ -252,8 +256,9 @@ def merge_to_folder(
         if len(files) > 1:
             doc = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
             write_text(tmp / INDEX_JSON, json.dumps(doc, indent=2) + "\n")
-        _write_config(ckpt, tmp, config, out_dtype, delta)
+        _write_config(ckpt, tmp, config, out_dtype, delta, task)
         _copy_side_files(ckpt.root, tmp)
+        _write_generation_config(ckpt, tmp, config, task)
     return MergeSummary(
         output=str(out), files=files, tensors_merged=merged, tensors_copied=len(ckpt.tensors) - merged - len(replaced),
         dense_tensors=len(dense), bytes_written=written,
@@ -278,7 +283,11 @@ def _task_config(ckpt: Checkpoint, delta: DeltaSidecar, task: str):
     return task_config(ckpt.root, task, num_labels=delta.info.get("num_labels"), label_names=labels)
 
 
-def _write_config(ckpt: Checkpoint, tmp: Path, config, out_dtype: torch.dtype | None, delta: DeltaSidecar) -> None:
+def _write_config(ckpt: Checkpoint, tmp: Path, config, out_dtype: torch.dtype | None, delta: DeltaSidecar,
+                  task: str) -> None:
+    """config.json of the merged folder: the base's (byte for byte when nothing changes), with
+    ``dtype`` if ``--dtype`` changed it and ``architectures`` if the base lacks it (a GGUF
+    conversion or a hand-written config; onnxruntime-genai's builder reads ``architectures[0]``)."""
     if config is not None:  # task model: the config transformers needs to rebuild the head
         config.architectures = [_task_arch(config, delta.task)]
         if out_dtype is not None:
@@ -288,14 +297,18 @@ def _write_config(ckpt: Checkpoint, tmp: Path, config, out_dtype: torch.dtype | 
     src = ckpt.root / "config.json"
     if not src.is_file():
         return
-    if out_dtype is None:
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    arch = None if doc.get("architectures") else _base_arch(ckpt.root, task)
+    if out_dtype is None and arch is None:
         copy_file(src, tmp / "config.json")
         return
-    doc = json.loads(src.read_text(encoding="utf-8"))
-    name = str(out_dtype).removeprefix("torch.")
-    doc["dtype"] = name
-    if "torch_dtype" in doc:
-        doc["torch_dtype"] = name
+    if arch is not None:
+        doc["architectures"] = [arch]
+    if out_dtype is not None:
+        name = str(out_dtype).removeprefix("torch.")
+        doc["dtype"] = name
+        if "torch_dtype" in doc:
+            doc["torch_dtype"] = name
     write_text(tmp / "config.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
@@ -306,10 +319,47 @@ def _task_arch(config, task: str) -> str:
     return cls._model_mapping[type(config)].__name__
 
 
+def _base_arch(root: Path, task: str) -> str | None:
+    """The class name transformers loads ``root`` with for ``task`` (``LlamaForCausalLM``), or None
+    where it has no such class (the config is then left without ``architectures``)."""
+    from neuroada_tools.hf import task_config
+
+    try:
+        return _task_arch(task_config(root, task), task)
+    except (KeyError, ValueError, ModelError):  # a model_type transformers does not know: leave it
+        return None
+
+
+def _write_generation_config(ckpt: Checkpoint, tmp: Path, config, task: str) -> None:
+    """A causal LM's merged folder always has generation_config.json: the base's (copied with the
+    side files), else the one transformers derives from the config (bos/eos/pad ids), unless
+    transformers cannot read the config."""
+    if task != "causal-lm" or (tmp / "generation_config.json").exists() or not (tmp / "config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    from neuroada_tools.hf import quiet_transformers, task_config
+
+    try:
+        config = config or task_config(ckpt.root, task)
+    except ModelError:  # a model_type transformers does not know: nothing to derive from
+        return
+    with quiet_transformers():
+        GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+
+
 def _copy_side_files(root: Path, tmp: Path) -> None:
+    """Tokenizer files, generation_config.json, chat_template.jinja / .json, and the named
+    templates transformers keeps in ``chat_templates/*.jinja``."""
     for f in sorted(root.iterdir()):
         if f.is_file() and f.suffix in SIDE_FILES_SUFFIXES and f.name not in NOT_COPIED and not (tmp / f.name).exists():
             copy_file(f, tmp / f.name)
+    templates = root / CHAT_TEMPLATES_DIR
+    if templates.is_dir():
+        for f in sorted(templates.glob("*.jinja")):
+            if f.is_file():
+                (tmp / CHAT_TEMPLATES_DIR).mkdir(exist_ok=True)
+                copy_file(f, tmp / CHAT_TEMPLATES_DIR / f.name)
 
 
 
