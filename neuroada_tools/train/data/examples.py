@@ -172,13 +172,13 @@ def build_causal_lm_examples(
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            if t.strict:
+        if t.strict and all(label == IGNORE_INDEX for label in labels[1:]):  # the first is never predicted
                 first = min((s for s, e in spans if e > s), default=len(ids))
                 raise DataError(
                     f"{t.where}: the prompt fills --max-length {max_length} ({first} tokens before the first "
                     "target token), leaving no target token"
                 )
+        if all(label == IGNORE_INDEX for label in labels):
             no_target += 1
         examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     stats = BuildStats(len(examples), truncated, no_target, longest, max_length)
