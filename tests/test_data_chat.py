@@ -220,3 +220,23 @@ def test_template_error_names_the_line(tmp_path, chat_tok):
 def test_text_records_have_no_prompt(lm_tok):
     with _raises("record 1: text data has no prompt and no reference answer"):
         render_prompts([{"text": "hello world"}], lm_tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate --template: prompts rendered by the same code as training's
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generate_templates_render_as_training(chat_tok):
+    from neuroada_tools.generate.prompts import encode_prompts
+
+    vocab = len(chat_tok)
+    (chat,) = encode_prompts(chat_tok, ["Say hello."], vocab, "chat")
+    assert chat == _chat(chat_tok, [_USER], generation_prompt=True)
+    (alpaca,) = encode_prompts(chat_tok, ["Say hello."], vocab, "alpaca")
+    (trained,) = build_causal_lm_examples([{"instruction": "Say hello.", "output": "hello world"}], chat_tok,
+                                          max_length=512)
+    assert trained["input_ids"][: len(alpaca)] == alpaca and trained["labels"][len(alpaca)] != IGNORE_INDEX
+    assert encode_prompts(chat_tok, ["Say hello."], vocab) == [list(chat_tok("Say hello.")["input_ids"])]
+    with _raises("prompt 2: field 'instruction' is empty"):
+        encode_prompts(chat_tok, ["Say hello.", " "], vocab, "chat")
