@@ -322,7 +322,10 @@ def render_prompts(
     same record start with ``prompt_ids`` (tested), so an evaluation that generates from them
     sees what training saw. Text records have no prompt: a :class:`DataError`. Example::
 
-        render_prompts([{"prompt": "2+2=", "completion": " 4"}], gpt2_tok)
-          -> [RenderedPrompt(prompt_ids=[17, 10, 17, 28], reference=" 4", where="record 1")]
+        render_prompts([{"prompt": "2+2=", "completion": " 4"}], tok)
+          -> [RenderedPrompt(prompt_ids=prefix + ids("2+2="), reference=" 4", where="record 1")]
+        render_prompts([{"messages": [user "Hi", assistant "Hello!", user "Bye", assistant "Bye!"]}], tok)
+          -> [RenderedPrompt(prompt_ids=apply_chat_template(first three messages, add_generation_prompt=True),
+                             reference="Bye!", where="record 1")]
     """
     return [prompt_of(tokenizer, t) for t in records_turns(records, fmt=fmt, template=template, path=path)]

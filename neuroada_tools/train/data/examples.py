@@ -1,4 +1,5 @@
-"""Token-id examples for causal LMs: prefix + prompt + output + eos, the prompt masked out of the loss."""
+"""Token-id examples for causal LMs: prefix + prompt + output + eos, the prompt masked out of the loss
+(chat records: the chat template's ids, the loss on the assistant turns; ``chat.py``)."""
 
 from __future__ import annotations
 
