@@ -85,6 +85,17 @@ def test_conversational_data_trains_on_the_assistant_turns(chat, tmp_path):
     assert s["target_tokens"] == 2 * sum(targets_per_step(chat, "multi", 2))  # 4 steps: the file twice
     delta = read_delta(tmp_path / "m.delta.safetensors", read_index(chat["index"]))
     assert all(bool(t.abs().sum() > 0) for t in delta.deltas.values())
+    # generate --template chat prompts the tuned model as training rendered its prompts
+    from transformers import AutoTokenizer
+
+    code, stdout, stderr = cli("generate", "--model", chat["model"], "--index", chat["index"], "--delta",
+                               tmp_path / "m.delta.safetensors", "--prompt", QA[0][0], "--template", "chat",
+                               "--max-new-tokens", 3, "--json", "-q")
+    assert code == 0, stderr
+    (result,) = json.loads(stdout)["results"]
+    user = [{"role": "user", "content": QA[0][0]}]
+    tok = AutoTokenizer.from_pretrained(chat["model"])
+    assert result["prompt_ids"] == list(tok.apply_chat_template(user, add_generation_prompt=True, return_dict=False))
 
 
 def test_template_chat_trains_exactly_as_the_same_conversations(chat, tmp_path):
