@@ -140,6 +140,7 @@ def test_gradient_index_with_template_chat(chat, tmp_path):
         code, stdout, stderr = cli("index", chat["model"], "-k", 2, "--criterion", "gradient", "--data",
                                    chat[data], *extra, "--device", "cpu", "-o", outs[data], "--json", "-q")
         assert code == 0, stderr
+        assert json.loads(stdout)["calibration"]["template"] == ("chat" if extra else "alpaca")
     a, b = (read_index(outs[d]) for d in ("instruction", "messages"))
     assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)  # the same examples, the same scores
     code, _, stderr = cli("index", chat["model"], "-k", 2, "--template", "chat", "-o", tmp_path / "m.index.safetensors")

@@ -258,6 +258,7 @@ def run_gradient_index(
             "target_count": result.target_count,
             "mean_loss": result.loss_sum / max(result.target_count, 1),
             "device": str(device),
+            "template": calibration.template,  # not in the sidecar's neuroada.calibration (its keys are fixed)
         },
     )
 
