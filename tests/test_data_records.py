@@ -194,7 +194,7 @@ def test_json_list_file_over_limit(tmp_path):
 
 def test_docstring_examples():
     modules = [data_module, *(importlib.import_module(f"neuroada_tools.train.data.{m}") for m in
-               ("records", "prompts", "examples", "labels", "choices", "collate", "demo"))]
+               ("records", "prompts", "chat", "examples", "labels", "choices", "collate", "demo"))]
     assert sum(doctest.testmod(m).failed for m in modules) == 0
 
 
@@ -205,17 +205,19 @@ def test_detect_format():
 
 
 def test_detect_format_unknown_fields(tmp_path):
-    p = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}])
+    p = _write_jsonl(tmp_path / "train.jsonl", [{"question": "a", "reply": "b"}])
     with _raises(
-        f"{p} line 1: cannot tell the data format from the fields ('prompt', 'completion'); "
-        "expected 'instruction' (instruction data) or 'text' (plain text or classification)"
+        f"{p} line 1: cannot tell the data format from the fields ('question', 'reply'); "
+        "expected 'instruction' (instruction data), 'text' (plain text or classification), 'messages' "
+        "(conversational) or 'prompt' and 'completion'"
     ):
         detect_format(read_records(p))
 
 
 def test_unknown_forced_format(lm_tok):
     with _raises(
-        "unknown data format 'chat' (expected one of 'instruction', 'text', 'classification')"
+        "unknown data format 'chat' (expected one of 'instruction', 'text', 'classification', "
+        "'conversational', 'prompt-completion')"
     ):
         build_causal_lm_examples([INSTR], lm_tok, max_length=8, fmt="chat")
 

@@ -34,6 +34,9 @@ Examples:
 @click.option("--prompt", default=None, help="One prompt.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help='A file of prompts: one per line, or JSONL with "prompt".')
+@click.option("--template", type=click.Choice(["plain", "alpaca", "chat"]), default="plain", show_default=True,
+              help="plain: the prompt as it is; alpaca or chat: the prompt is an instruction, rendered as "
+                   "train-sparse --template renders it (chat: a user turn of the tokenizer's chat template).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0 is greedy; above 0 samples from softmax(logits / temperature).")
@@ -45,7 +48,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Prompts, token ids and texts as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def command(model, index, delta, merged, onnx_dir, with_past, provider, tokenizer, prompt, prompts_file,
+def command(model, index, delta, merged, onnx_dir, with_past, provider, tokenizer, prompt, prompts_file, template,
             max_new_tokens, temperature, top_k, seed, batch_size, as_json, quiet) -> None:
     """Generate text, greedy by default, from base + bypass, a merged folder or an ONNX folder.
 
@@ -82,5 +85,5 @@ def command(model, index, delta, merged, onnx_dir, with_past, provider, tokenize
     with progress_bar(quiet or len(texts) <= batch_size, "generate", unit="prompt") as (set_total, advance, _):
         set_total(len(texts))
         result = run_generate(source, tok, texts, max_new_tokens, sampling=sampling, batch_size=batch_size,
-                              progress=advance)
+                              progress=advance, template=template)
     emit(result.to_dict(), as_json, human)

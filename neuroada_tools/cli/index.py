@@ -9,6 +9,7 @@ import click
 from neuroada_tools.cli.common import emit, handle_errors, progress_bar
 from neuroada_tools.hf import TASKS
 from neuroada_tools.train.config import TrainConfig
+from neuroada_tools.train.data.prompts import TEMPLATES
 
 _TRAIN = TrainConfig.__dataclass_fields__  # --batch-size defaults as in train-sparse
 
@@ -23,6 +24,7 @@ Example:
 CALIBRATION_OPTIONS = {
     "--data": "data", "--calibration-examples": "calibration_examples", "--batch-size": "batch_size",
     "--max-length": "max_length", "--task": "task", "--device": "device", "--trust-remote-code": "trust_remote_code",
+    "--template": "template",
 }
 
 
@@ -69,6 +71,9 @@ CALIBRATION_OPTIONS = {
                    "(default: 256, or the model's maximum positions if fewer).")
 @click.option("--task", type=click.Choice(list(TASKS)), default=None,
               help="--criterion gradient: the loss to score with (default: from the config, as train-sparse).")
+@click.option("--template", type=click.Choice(list(TEMPLATES)), default=None,
+              help="--criterion gradient: how instruction records become a prompt, as train-sparse "
+                   "(default alpaca; chat: the tokenizer's chat template).")
 @click.option("--device", default=None,
               help="--criterion gradient: auto (cuda if available; the default), cpu, cuda or cuda:N.")
 @click.option("--trust-remote-code", is_flag=True,
@@ -117,7 +122,8 @@ def _gradient(model, k, output, quiet: bool, as_json: bool, options: dict, commo
         task=options["task"],
         trust_remote_code=trust_remote_code,
         **{name: options[opt] for name, opt in (("examples", "calibration_examples"), ("batch_size", "batch_size"),
-                                                ("max_length", "max_length"), ("device", "device"))
+                                                ("max_length", "max_length"), ("device", "device"),
+                                                ("template", "template"))
            if options[opt] is not None},
     )
     with progress_bar(quiet, "calibration", unit="ex") as (set_total, advance, _):

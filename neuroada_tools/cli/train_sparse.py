@@ -18,6 +18,8 @@ Example:
   neuroada-tools index ./Llama-3.2-1B -k 20 -o llama.k20.index.safetensors
   neuroada-tools train-sparse --model ./Llama-3.2-1B --index llama.k20.index.safetensors \\
       --data boolq/train.json --lr 7e-4 --epochs 3 --batch-size 16 --dtype bf16 -o boolq.delta.safetensors
+  neuroada-tools train-sparse --model ./SmolLM2-135M-Instruct --index smollm2.k1.index.safetensors \\
+      --data chat.jsonl --lr 9e-3 --max-steps 300 -o chat.delta.safetensors
   neuroada-tools train-sparse --model ./bert-base --index bert.k4.index.safetensors \\
       --data sst2.jsonl --eval-data sst2-dev.jsonl --task classification -o sst2.delta.safetensors
 """
@@ -67,7 +69,9 @@ def command(as_json: bool, quiet: bool, **options) -> None:
     the task head) are trained; the base checkpoint is never written. The index must have been
     made from this very model: a different base is refused, naming the tensor. Data errors are
     reported with the file and line before training starts. Causal-LM instruction data uses the
-    Alpaca / LLM-Adapters prompt template and trains on the response only.
+    Alpaca / LLM-Adapters prompt template (or, with --template chat, the tokenizer's chat template)
+    and trains on the response only; conversational data (TRL's "messages") is rendered with the
+    chat template and trains on the assistant turns, prompt-completion data on the completion.
     """
     from neuroada_tools.train.loop import train
 

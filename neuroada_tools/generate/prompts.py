@@ -4,8 +4,12 @@ A prompts file is either JSONL, one object with a string ``"prompt"`` per line (
 non-blank line starts with ``{``), or plain text, one prompt per line. Blank lines are skipped.
 Errors name the file and the line; a line over ``MAX_LINE_BYTES`` is refused.
 
-Tokenizing adds the tokenizer's own special tokens (a Llama ``<s>``). A special token the model's
-embedding lacks (a tiny test model's tokenizer) is left out; any other id outside the embedding is
+Tokenizing adds the tokenizer's own special tokens (a Llama ``<s>``). With a template, each prompt is
+taken as an instruction and rendered as ``train-sparse --template`` renders an instruction record's
+prompt (the same code, ``train.data.chat.render_prompts``): ``alpaca`` wraps it in the Alpaca /
+LLM-Adapters prompt, ``chat`` makes it a user turn of the tokenizer's chat template followed by the
+generation prompt. A model trained with a template is then prompted as it was trained. A special
+token the model's embedding lacks (a tiny test model's tokenizer) is left out; any other id outside the embedding is
 an error naming the prompt, since the tokenizer then belongs to another model.
 """
 
@@ -18,6 +22,8 @@ from neuroada_tools.errors import DataError, ModelError
 from neuroada_tools.io.jsontext import parse_json
 
 MAX_LINE_BYTES = 1 << 20
+PROMPT_TEMPLATES = ("plain", "alpaca", "chat")
+"""``generate --template``: the prompt as it is, or rendered as train-sparse's ``--template`` renders it."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -69,12 +75,32 @@ def load_prompt_tokenizer(folder: Path):
     return load_tokenizer(folder)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], vocab: int) -> list[list[int]]:
+def template_ids(tokenizer, prompts: Sequence[str], template: str) -> list[list[int]]:
+    """Token ids of every prompt as an instruction under ``template`` (``alpaca`` or ``chat``).
+
+    Example: ``template_ids(tok, ["Say hello."], "chat")`` equals
+    ``tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True)``.
+    """
+    from neuroada_tools.train.data.chat import render_prompts
+    from neuroada_tools.train.data.records import RecordList
+
+    records = RecordList([{"instruction": t, "output": ""} for t in prompts],
+                         locations=[f"prompt {n}" for n in range(1, len(prompts) + 1)])
+    return [p.prompt_ids for p in render_prompts(records, tokenizer, fmt="instruction", template=template)]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], vocab: int, template: str = "plain") -> list[list[int]]:
     """Token ids of every prompt, each id inside ``[0, vocab)`` (module docstring)."""
+    if template not in PROMPT_TEMPLATES:
+        raise DataError(f"unknown template {template!r} (expected one of {', '.join(PROMPT_TEMPLATES)})")
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    rendered = None if template == "plain" else template_ids(tokenizer, prompts, template)
     out = []
     for n, text in enumerate(prompts, start=1):
-        ids = [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+        if rendered is None:
+            ids = [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+        else:
+            ids = rendered[n - 1]
         ids = [i for i in ids if i < vocab or i not in specials]
         bad = next((i for i in ids if not 0 <= i < vocab), None)
         if bad is not None:

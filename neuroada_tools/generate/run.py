@@ -52,12 +52,14 @@ def run_generate(
     sampling: Sampling = Sampling(),
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    template: str = "plain",
 ) -> GenerateResult:
-    """Generate for every prompt; ``progress(n)`` after each batch of ``n`` prompts."""
+    """Generate for every prompt; ``progress(n)`` after each batch of ``n`` prompts. ``template``:
+    ``plain`` (the prompt as it is), ``alpaca`` or ``chat`` (``generate.prompts``)."""
     if batch_size < 1:
         raise ModelError(f"batch size {batch_size}: expected at least 1")
     start = time.perf_counter()
-    prompt_ids = encode_prompts(tokenizer, prompts, source.vocab)
+    prompt_ids = encode_prompts(tokenizer, prompts, source.vocab, template)
     check_lengths(prompt_ids, max_new_tokens, source.max_positions)
     results: list[dict] = []
     for first in range(0, len(prompt_ids), batch_size):

@@ -63,6 +63,7 @@ from neuroada_tools.io.outputs import atomic_file, check_output
 from neuroada_tools.io.sidecar import file_digest
 from neuroada_tools.train.config import TrainConfig
 from neuroada_tools.train.data import collate
+from neuroada_tools.train.data.prompts import TEMPLATES
 from neuroada_tools.train.setup import DataSettings, pick_device, prepare_data, resolve_max_length, task_model_config
 from neuroada_tools.train.steps import compute_loss, count_targets
 
@@ -85,6 +86,7 @@ class Calibration:
     task: str | None = None  # default: from the config, as train-sparse picks it
     device: str = "auto"
     trust_remote_code: bool = False
+    template: str = "alpaca"  # instruction records: the Alpaca prompt, or "chat" (the chat template)
 
     def check(self) -> None:
         """``TargetError`` naming the setting when a count is < 1 or the task is unknown."""
@@ -95,6 +97,8 @@ class Calibration:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 flag = "calibration-examples" if name == "examples" else name.replace("_", "-")
                 raise TargetError(f"--{flag} must be an integer >= 1, found {value!r}")
+        if self.template not in TEMPLATES:
+            raise TargetError(f"unknown template {self.template!r} (choose {', '.join(TEMPLATES)})")
         if self.task is not None and self.task not in TASKS:
             raise TargetError(f"unknown task {self.task!r} (choose {', '.join(TASKS)})")
 
@@ -218,7 +222,8 @@ def run_gradient_index(
     task = calibration.task or default_task(config)
     max_length = resolve_max_length(calibration.max_length, config, model_dir)
 
-    settings = DataSettings(data=data, max_length=max_length, trust_remote_code=calibration.trust_remote_code)
+    settings = DataSettings(data=data, max_length=max_length, trust_remote_code=calibration.trust_remote_code,
+                            template=calibration.template)
     prep = prepare_data(settings, task, model_dir)  # DataError before any model is loaded
     examples = prep.examples[: calibration.examples]
     data_sha = file_digest(data)
@@ -253,6 +258,7 @@ def run_gradient_index(
             "target_count": result.target_count,
             "mean_loss": result.loss_sum / max(result.target_count, 1),
             "device": str(device),
+            "template": calibration.template,  # not in the sidecar's neuroada.calibration (its keys are fixed)
         },
     )
 

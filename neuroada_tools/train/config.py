@@ -14,6 +14,7 @@ from typing import Any
 
 from neuroada_tools.errors import TrainingError
 from neuroada_tools.hf import TASKS
+from neuroada_tools.train.data.prompts import TEMPLATES
 
 #: Dtypes the base can be loaded in for training (deltas, head and optimizer state are fp32 always).
 TRAIN_DTYPES = ("fp32", "bf16")
@@ -21,7 +22,7 @@ TRAIN_DTYPES = ("fp32", "bf16")
 #: Settings that shape the trajectory: a resume with any of them changed is refused.
 TRAJECTORY = (
     "task", "seed", "lr", "weight_decay", "warmup_ratio", "global_batch", "max_length",
-    "max_grad_norm", "train_on_prompt", "dtype", "label_field", "text_field", "num_labels",
+    "max_grad_norm", "train_on_prompt", "dtype", "label_field", "text_field", "num_labels", "template",
 )
 
 
@@ -38,7 +39,9 @@ class TrainConfig:
     index: Path = field(metadata=_opt("--index", "Index sidecar made from this model (neuroada-tools index)."))
     data: Path = field(metadata=_opt(
         "--data", "Training data: JSON list or JSONL of instruction records (instruction, input, output), "
-        "{\"text\": ...} records, or classification records (text + label)."))
+        "{\"text\": ...} records, conversational records ({\"messages\": [{\"role\", \"content\"}, ...]}), "
+        "prompt-completion records ({\"prompt\", \"completion\"}: strings or message lists), or classification "
+        "records (text + label)."))
     output: Path = field(metadata=_opt(
         "-o/--output", "Delta sidecar to write (*.delta.safetensors); the resume state is written beside it "
         "(NAME.state.safetensors)."))
@@ -88,7 +91,12 @@ class TrainConfig:
     resume: bool = field(default=False, metadata=_opt(
         "--resume", "Continue from the resume state beside -o (same data and settings)."))
     train_on_prompt: bool = field(default=False, metadata=_opt(
-        "--train-on-prompt", "Causal LM: train on the prompt tokens too (default: response only)."))
+        "--train-on-prompt", "Causal LM: train on the prompt tokens too (default: response, assistant turns or "
+        "completion only)."))
+    template: str = field(default="alpaca", metadata=_opt(
+        "--template", "Causal LM, instruction records: alpaca (the Alpaca / LLM-Adapters prompt, the paper's) or "
+        "chat (a user turn and an assistant turn, rendered with the tokenizer's chat template). Conversational "
+        "data always uses the chat template.", choices=TEMPLATES, show_default=True))
     trust_remote_code: bool = field(default=False, metadata=_opt(
         "--trust-remote-code", "Allow the model folder's own Python code (off by default)."))
     force: bool = field(default=False, metadata=_opt(
@@ -105,6 +113,7 @@ class TrainConfig:
             if not ok:
                 raise TrainingError(msg)
 
+        need(self.template in TEMPLATES, f"template must be one of {', '.join(TEMPLATES)}, found {self.template!r}")
         need(self.dtype in TRAIN_DTYPES, f"dtype must be one of {', '.join(TRAIN_DTYPES)}, found {self.dtype!r}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, found {self.lr}")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,

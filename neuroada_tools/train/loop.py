@@ -159,6 +159,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
             "warmup_ratio": cfg.warmup_ratio, "global_batch": step_examples, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "world_size": dist.world, "max_length": cfg.max_length,
             "max_grad_norm": cfg.max_grad_norm, "train_on_prompt": cfg.train_on_prompt, "dtype": cfg.dtype,
+            "template": cfg.template,
             "label_field": prep.label_field if task == "classification" else None,
             "text_field": cfg.text_field if task == "classification" else None,
             "num_labels": len(label_names) if label_names is not None else None,

@@ -32,6 +32,7 @@ def check_resume(meta: dict, settings: dict, index_digest: str, data_sha: str, t
     saved = dict(meta["settings"])
     if "global_batch" not in saved and "batch_size" in saved:  # written before torchrun support: 1 process
         saved["global_batch"] = saved["batch_size"] * saved.get("grad_accum", 1)
+    saved.setdefault("template", "alpaca")  # written before --template: the Alpaca template
     for key in TRAJECTORY:
         if saved.get(key) != settings.get(key):
             raise TrainingError(

@@ -38,6 +38,7 @@ class DataSettings:
     num_labels: int | None = None
     train_on_prompt: bool = False
     trust_remote_code: bool = False
+    template: str = "alpaca"
 
 
 @dataclass
@@ -126,7 +127,8 @@ def build_examples(task, records, tokenizer, cfg: TrainConfig | DataSettings, la
     """``(examples, label names or None, BuildStats)`` for ``task``; DataError names file and line."""
     if task == "causal-lm":
         built = build_causal_lm_examples(
-            records, tokenizer, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt
+            records, tokenizer, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt,
+            template=cfg.template,
         )
         return list(built), None, built.stats
     if task == "classification":

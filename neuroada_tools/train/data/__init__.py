@@ -1,7 +1,8 @@
 """Read training data, tokenize it and mask prompts for ``train-sparse``.
 
 Which file holds what: ``records.py`` (reading files, 1), ``prompts.py`` (formats, fields and the
-prompt template, 2), ``examples.py`` (causal-LM examples, tokenizer helpers, 3), ``labels.py``
+prompt template, 2), ``chat.py`` (conversations and the chat template; prompts for evaluation, 2),
+``examples.py`` (causal-LM examples, tokenizer helpers, 3), ``labels.py``
 (classification), ``choices.py`` (multiple choice), ``collate.py`` (4), ``demo.py`` (the demo's
 generated sentiment set).
 
@@ -13,13 +14,22 @@ What this package does
    non-blank character of the file: ``[`` means a JSON list, anything else JSONL. Every record
    remembers where it came from (``line 7`` for JSONL, ``record 3 (line 12)`` for a JSON list),
    so every later error names the file and the line.
-2. Three record formats, detected from the fields of the first record (:func:`detect_format`)
-   or forced with ``fmt=``:
+2. Five record formats, detected from the fields of the first record (:func:`detect_format`)
+   or forced with ``fmt=`` (TRL's dataset formats are the reference for the last two):
 
    - ``instruction``: ``instruction`` (str), ``output`` (str), optional ``input`` (str, default
      ``""``), optional ``answer`` (ignored by the causal-LM builder, a label for classification);
    - ``text``: ``{"text": ...}``, trained on every token;
-   - ``classification``: a text field (default ``text``) and a label field (default ``label``).
+   - ``classification``: a text field (default ``text``) and a label field (default ``label``);
+   - ``conversational``: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str},
+     ...]}``, rendered with the tokenizer's chat template, trained on every assistant turn;
+   - ``prompt-completion``: ``{"prompt": ..., "completion": ...}``, both strings (rendered like
+     instruction records with the prompt as it is) or both message lists (rendered with the chat
+     template, trained on the completion).
+
+   Instruction records use the Alpaca template below unless ``template="chat"`` (a user turn and
+   an assistant turn, rendered with the chat template). :func:`render_prompts` gives the prompt
+   ids and the reference answer of each record exactly as training renders them, for evaluation.
 3. Builders turn records into token-id examples. Each one validates *every* record before it
    tokenizes anything, so bad data fails before training starts, never in the middle of it:
 
@@ -91,6 +101,7 @@ not fit in memory, and left padding (generation batches pad on the left; trainin
 to).
 """
 
+from neuroada_tools.train.data.chat import ROLES, RenderedPrompt, Turns, record_turns, render_prompts
 from neuroada_tools.train.data.choices import build_multiple_choice_examples, parse_arc_choices
 from neuroada_tools.train.data.collate import collate
 from neuroada_tools.train.data.examples import IGNORE_INDEX, BuildStats, Examples, build_causal_lm_examples
@@ -99,6 +110,7 @@ from neuroada_tools.train.data.prompts import (
     FORMATS,
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_NO_INPUT,
+    TEMPLATES,
     detect_format,
     format_prompt,
 )
@@ -117,9 +129,13 @@ __all__ = [
     "MAX_INFERRED_LABELS",
     "PROMPT_TEMPLATE",
     "PROMPT_TEMPLATE_NO_INPUT",
+    "ROLES",
+    "TEMPLATES",
     "BuildStats",
     "Examples",
     "RecordList",
+    "RenderedPrompt",
+    "Turns",
     "build_causal_lm_examples",
     "build_classification_examples",
     "build_multiple_choice_examples",
@@ -128,4 +144,6 @@ __all__ = [
     "format_prompt",
     "parse_arc_choices",
     "read_records",
+    "record_turns",
+    "render_prompts",
 ]

@@ -1,4 +1,5 @@
-"""Token-id examples for causal LMs: prefix + prompt + output + eos, the prompt masked out of the loss."""
+"""Token-id examples for causal LMs: prefix + prompt + output + eos, the prompt masked out of the loss
+(chat records: the chat template's ids, the loss on the assistant turns; ``chat.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from neuroada_tools.errors import DataError, ModelError
-from neuroada_tools.train.data.prompts import _check_max_length, _field_str, _resolve_format, format_prompt
-from neuroada_tools.train.data.records import _json_type, _Locator
+from neuroada_tools.train.data.chat import _special_prefix, chat_ids, check_chat_template, records_turns
+from neuroada_tools.train.data.prompts import _check_max_length
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing transformers is slow
     from transformers import PreTrainedTokenizerBase
@@ -71,18 +72,6 @@ def _encode_plain(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special tokens the tokenizer puts before a single text (``[bos]`` or ``[]``)."""
-    probe = "a"
-    with_special = list(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"])
-    plain = list(tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
-    n = len(plain)
-    for k in range(len(with_special) - n + 1):
-        if with_special[k : k + n] == plain:
-            return with_special[:k]
-    return []
-
-
 def _encode_truncated(
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
@@ -131,64 +120,65 @@ def build_causal_lm_examples(
     max_length: int,
     train_on_prompt: bool = False,
     fmt: str | None = None,
+    template: str = "alpaca",
     path: str | os.PathLike[str] | None = None,
 ) -> Examples:
     """Causal-LM examples (``input_ids``, ``attention_mask``, ``labels``) from records.
 
     ``instruction`` records become ``prefix + prompt + output + eos`` with the prompt (and the
     tokenizer's prefix, e.g. bos) masked to ``-100`` in ``labels`` unless ``train_on_prompt``;
-    ``text`` records become ``prefix + text + eos``, all trained. Examples are cut to
-    ``max_length`` keeping the start; see :class:`BuildStats` (``result.stats``) for counts.
-    Every record is validated before anything is tokenized. ``path`` names the file in errors
+    under ``template="chat"`` they become a user and an assistant turn rendered with the
+    tokenizer's chat template instead. ``text`` records become ``prefix + text + eos``, all
+    trained. Standard ``prompt-completion`` records are rendered as instruction records with the
+    prompt as it is; ``conversational`` records and prompt-completion records holding message
+    lists are rendered with the chat template, the loss on every assistant turn (on the
+    completion), see ``chat.py``. Examples are cut to ``max_length`` keeping the start; see
+    :class:`BuildStats` (``result.stats``) for counts. A chat or prompt-completion record whose
+    prompt fills ``max_length`` (no target token left) is a :class:`DataError` naming the file
+    and line; Alpaca and text records are kept and counted in ``no_target``, as before. Every
+    record is validated before anything is tokenized. ``path`` names the file in errors
     (default: the :class:`RecordList`'s own path).
     """
     max_length = _check_max_length(max_length)
-    loc = _Locator(records, path)
-    if not records:
-        raise DataError(f"{loc.file()}: no records")
-    fmt = _resolve_format(records, fmt, path)
-    if fmt == "classification":
-        raise DataError(
-            f"{loc.at(0)}: classification data has no response to train a causal LM on "
-            "(use the instruction or text format, or a classification model)"
-        )
-
-    prompts: list[str] = []
-    responses: list[str] = []
-    for i, record in enumerate(records):
-        where = loc.at(i)
-        if not isinstance(record, Mapping):
-            raise DataError(f"{where}: expected a JSON object, found {_json_type(record)}")
-        if fmt == "instruction":
-            instruction = _field_str(record, "instruction", where, fmt=fmt, nonempty=True)
-            extra = _field_str(record, "input", where, fmt=fmt, required=False)
-            responses.append(_field_str(record, "output", where, fmt=fmt))
-            prompts.append(format_prompt(instruction, extra))
-        else:
-            responses.append(_field_str(record, "text", where, fmt=fmt, nonempty=True))
-            prompts.append("")
-
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    turns = records_turns(records, fmt=fmt, template=template, path=path)
+    plain = [t for t in turns if not t.chat]
+    if plain and tokenizer.eos_token_id is None:
         raise ModelError(
             "tokenizer has no eos token; causal-LM examples end with it (set eos_token)"
         )
-    prefix = _special_prefix(tokenizer)
-    prompt_ids = _encode_plain(tokenizer, prompts)
-    response_ids = _encode_plain(tokenizer, responses)
+    chats = [t for t in turns if t.chat]
+    if chats:
+        check_chat_template(tokenizer, chats[0].where)
+    eos = tokenizer.eos_token_id
+    prefix = _special_prefix(tokenizer) if plain else []
+    prompt_ids = iter(_encode_plain(tokenizer, [t.prompt for t in plain]))
+    response_ids = iter(_encode_plain(tokenizer, [t.response for t in plain]))
 
     examples: list[dict[str, Any]] = []
     truncated = no_target = longest = 0
-    for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
-        ids = prefix + p_ids + r_ids + [eos]
-        labels = list(ids)
-        if fmt == "instruction" and not train_on_prompt:
-            n_prompt = len(prefix) + len(p_ids)
-            labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
+    for t in turns:
+        if t.chat:
+            ids, spans = chat_ids(tokenizer, t)
+        else:
+            p_ids, r_ids = next(prompt_ids), next(response_ids)
+            ids = prefix + p_ids + r_ids + [eos]
+            spans = [(len(prefix) + len(p_ids) if t.masked else 0, len(ids))]
+        if train_on_prompt:
+            labels = list(ids)
+        else:
+            labels = [IGNORE_INDEX] * len(ids)
+            for start, end in spans:
+                labels[start:end] = ids[start:end]
         longest = max(longest, len(ids))
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
+        if t.strict and all(label == IGNORE_INDEX for label in labels[1:]):  # the first is never predicted
+                first = min((s for s, e in spans if e > s), default=len(ids))
+                raise DataError(
+                    f"{t.where}: the prompt fills --max-length {max_length} ({first} tokens before the first "
+                    "target token), leaving no target token"
+                )
         if all(label == IGNORE_INDEX for label in labels):
             no_target += 1
         examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})

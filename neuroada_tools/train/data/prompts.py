@@ -25,8 +25,13 @@ PROMPT_TEMPLATE_NO_INPUT = (
 )
 """Alpaca / LLM-Adapters prompt for records whose ``input`` is empty or missing."""
 
-FORMATS = ("instruction", "text", "classification")
-"""Record formats understood by the builders."""
+FORMATS = ("instruction", "text", "classification", "conversational", "prompt-completion")
+"""Record formats understood by the builders (``conversational`` and ``prompt-completion`` as TRL
+defines them: ``{"messages": [...]}`` and ``{"prompt": ..., "completion": ...}``)."""
+
+TEMPLATES = ("alpaca", "chat")
+"""How instruction records become a causal-LM prompt: the Alpaca / LLM-Adapters text (the paper's),
+or a user turn and an assistant turn rendered with the tokenizer's chat template (``chat.py``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,7 +45,9 @@ def detect_format(
     """The format of ``records``, from the fields of the first record.
 
     ``instruction`` if it has an ``instruction`` field; ``classification`` if it has ``text``
-    and ``label``; ``text`` if it has ``text``. Anything else is a :class:`DataError`.
+    and ``label``; ``text`` if it has ``text``; ``conversational`` if it has ``messages``;
+    ``prompt-completion`` if it has ``prompt`` and ``completion``. Anything else (a prompt without
+    a completion included) is a :class:`DataError`.
     """
     loc = _Locator(records, path)
     if not records:
@@ -50,10 +57,20 @@ def detect_format(
         return "instruction"
     if "text" in first:
         return "classification" if "label" in first else "text"
+    if "messages" in first:
+        return "conversational"
+    if "prompt" in first:
+        if "completion" in first:
+            return "prompt-completion"
+        raise DataError(
+            f"{loc.at(0)}: a 'prompt' without a 'completion' has nothing to train on (prompt-completion "
+            "data needs both)"
+        )
     fields = ", ".join(repr(k) for k in list(first)[:8]) or "none"
     raise DataError(
         f"{loc.at(0)}: cannot tell the data format from the fields ({fields}); expected "
-        "'instruction' (instruction data) or 'text' (plain text or classification)"
+        "'instruction' (instruction data), 'text' (plain text or classification), 'messages' "
+        "(conversational) or 'prompt' and 'completion'"
     )
 
 
@@ -84,16 +101,19 @@ def _field_str(
     value = record[name]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {name!r} must be a string, found {_json_type(value)}")
+    _check_text(value, f"{where}: field {name!r}")
+    if nonempty and not value.strip():
+        raise DataError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _check_text(value: str, what: str) -> None:
+    """DataError ``"<what> is not valid Unicode ..."`` for a string holding a lone surrogate."""
     if not value.isascii():  # JSON's "\\ud800" escapes decode to lone surrogates: not text
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise DataError(
-                f"{where}: field {name!r} is not valid Unicode (lone surrogate at character {e.start + 1})"
-            ) from None
-    if nonempty and not value.strip():
-        raise DataError(f"{where}: field {name!r} is empty")
-    return value
+            raise DataError(f"{what} is not valid Unicode (lone surrogate at character {e.start + 1})") from None
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
