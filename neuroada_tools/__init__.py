@@ -5,13 +5,15 @@ Pipeline: ``index`` (per-row top-k of |W| from a safetensors checkpoint) ->
 (``W + scatter(delta)`` into safetensors or ONNX, with a logit parity check).
 
 In Python, on a loaded transformers model (``neuroada_tools/adapters/``): ``apply``,
-``set_active``, ``remove``, ``combine``, ``save_delta``, ``list_adapters`` and ``NeuroAdaTrainer``.
+``set_active``, ``remove``, ``combine``, ``save_delta``, ``list_adapters``, ``NeuroAdaTrainer`` and
+``NeuroAdaSFTTrainer`` (TRL).
 They are imported on first use, so ``import neuroada_tools`` (and the CLI) stays light.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["NeuroAdaTrainer", "apply", "combine", "list_adapters", "remove", "save_delta", "set_active"]
+__all__ = ["NeuroAdaSFTTrainer", "NeuroAdaTrainer", "NeuroAdaTrainerMixin", "apply", "combine", "list_adapters",
+           "remove", "save_delta", "set_active"]
 
 
 def __getattr__(name: str):
