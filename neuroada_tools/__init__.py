@@ -12,12 +12,13 @@ They are imported on first use, so ``import neuroada_tools`` (and the CLI) stays
 
 __version__ = "0.1.0"
 
-__all__ = ["NeuroAdaSFTTrainer", "NeuroAdaTrainer", "NeuroAdaTrainerMixin", "apply", "combine", "list_adapters",
-           "remove", "save_delta", "set_active"]
+__all__ = ["NeuroAdaTrainer", "NeuroAdaTrainerMixin", "apply", "combine", "list_adapters", "remove", "save_delta",
+           "set_active"]
+_EXTRAS = ("NeuroAdaSFTTrainer",)  # needs the trl extra: left out of __all__, so `import *` works without it
 
 
 def __getattr__(name: str):
-    if name in __all__:
+    if name in __all__ or name in _EXTRAS:
         from neuroada_tools import adapters as _adapters
 
         return getattr(_adapters, name)

@@ -177,6 +177,9 @@ def test_without_trl_the_error_names_the_extra(monkeypatch):
     with pytest.raises(ModelError, match=re.escape("NeuroAdaSFTTrainer needs TRL: pip install "
                                                    "'neuroada-tools[trl]'")):
         importlib.import_module("neuroada_tools.adapters.sft")
+    with pytest.raises(ModelError, match=r"^NeuroAdaSFTTrainer needs TRL: "):
+        neuroada_tools.NeuroAdaSFTTrainer
+    exec("from neuroada_tools import *", {})  # the rest of the API does not need trl
 
 
 def test_readme_snippet_runs(llama, tmp_path, monkeypatch):

@@ -25,8 +25,9 @@ from __future__ import annotations
 from neuroada_tools.adapters.api import apply, list_adapters, remove, save_delta, set_active
 from neuroada_tools.adapters.arithmetic import combine
 
-__all__ = ["NeuroAdaSFTTrainer", "NeuroAdaTrainer", "NeuroAdaTrainerMixin", "apply", "combine", "list_adapters",
-           "remove", "save_delta", "set_active"]
+# NeuroAdaSFTTrainer (below) needs the trl extra: left out of __all__, so `import *` works without it
+__all__ = ["NeuroAdaTrainer", "NeuroAdaTrainerMixin", "apply", "combine", "list_adapters", "remove", "save_delta",
+           "set_active"]
 
 
 def __getattr__(name: str):
