@@ -6,12 +6,12 @@ They run in a folder holding ``base/`` (the tiny Llama fixture), ``base.k4.index
 from __future__ import annotations
 
 import doctest
+import importlib
 import shutil
 
 import pytest
 import torch
 
-from neuroada_tools.adapters import api, arithmetic, trainer
 from neuroada_tools.index.build import run_index
 from neuroada_tools.io.sidecar import DeltaSidecar, read_index, write_delta
 
@@ -29,8 +29,9 @@ def doc_dir(fixture_models, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("module", [api, arithmetic, trainer], ids=lambda m: m.__name__.rsplit(".", 1)[1])
-def test_docstring_examples_run(module, doc_dir, monkeypatch):
+@pytest.mark.parametrize("name", ["api", "arithmetic", "trainer", "sft"])
+def test_docstring_examples_run(name, doc_dir, monkeypatch):
+    module = importlib.import_module(f"neuroada_tools.adapters.{name}")  # sft: needs trl (the dev extra has it)
     monkeypatch.chdir(doc_dir)
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

