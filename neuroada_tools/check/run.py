@@ -22,6 +22,8 @@ import torch
 
 from neuroada_tools.check.generation import check_generation
 from neuroada_tools.check.generation import human as human_generation
+from neuroada_tools.check.onnx_weights import check_onnx_weights
+from neuroada_tools.check.onnx_weights import human as human_weights
 from neuroada_tools.check.parity import (
     EXACT,
     NOISE_FACTOR,
@@ -56,10 +58,12 @@ class CheckResult:
     comparisons: dict[str, dict] = field(default_factory=dict)
     generation: dict | None = None
     noise: dict | None = None  # the measured noise floor the calibrated tolerances come from
+    onnx_weights: dict | None = None  # check/onnx_weights.py: the adapted weights in the graph, bit for bit
 
     @property
     def passed(self) -> bool:
-        return all(c["passed"] for c in self.comparisons.values()) and self.generation_passed
+        weights_ok = self.onnx_weights is None or self.onnx_weights["passed"]
+        return all(c["passed"] for c in self.comparisons.values()) and self.generation_passed and weights_ok
 
     @property
     def generation_passed(self) -> bool:
@@ -194,6 +198,10 @@ def run_check(
         with comparison_errors("onnx_vs_unmerged"):
             onnx_path = Path(onnx_dir) / "model.onnx"
             record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, dict(inputs), provider), mask), "onnx")
+        with comparison_errors("onnx_weights"):
+            out_dtype = {v: k for k, v in DTYPE_NAMES.items()}[_folder_dtype_key(Path(onnx_dir))]
+            graphs = [g for g in (onnx_path, Path(onnx_dir) / "model_with_past.onnx") if g.exists()]
+            result.onnx_weights = check_onnx_weights(unmerged, graphs, out_dtype)
         past = Path(onnx_dir) / "model_with_past.onnx"
         with_past = with_past or past.exists()
         if with_past:
@@ -212,6 +220,10 @@ def run_check(
         bad = [f"{n}: max abs {c['max_abs']:.3g} > tolerance {c['tolerance']:.3g} "
                f"(argmax agreement {100 * c['argmax_agreement']:.1f}%)"
                for n, c in result.comparisons.items() if not c["passed"]]
+        w = result.onnx_weights
+        if w is not None and not w["passed"]:
+            bad.append(f"onnx_weights: {w['tensors'] - w['matched']} of {w['tensors']} adapted weights not in the "
+                       f"graph bit for bit (first: {w['missing'][0]})")
         if not result.generation_passed:
             bad.append(result.generation["mismatch"])
         raise ParityError(f"parity check failed ({key}): " + "; ".join(bad))
@@ -250,6 +262,8 @@ def human(result: dict) -> str:
                 f"{100 * c['argmax_agreement']:.1f}%  "
             f"tol {c['tolerance']:.1e}  {'ok' if c['passed'] else 'FAILED'}"
         )
+    if result.get("onnx_weights") is not None:
+        lines.append(human_weights(result["onnx_weights"]))
     if result.get("generation") is not None:
         lines.append(human_generation(result["generation"]))
     return "\n".join(lines)
