@@ -18,10 +18,10 @@ Any example count trains on any world size. The last global micro-batch of an ep
 sizes differ by at most one (7 examples on 2 ranks: 4 and 3; 1 example on 3 ranks: 1, 0, 0).
 Unequal shares change nothing in the arithmetic (the loss is normalised by the global count), but
 a rank with an empty share must still run a forward and a backward, because the collectives
-inside them (DDP's gradient all-reduce, FSDP2's all-gathers and reduce-scatters) need every rank:
-it runs ``steps.placeholder``, one real example whose labels are all ignored, so its loss and
-gradients are exactly 0 and it adds no tokens or targets to the step's counts. No example is
-dropped or repeated: every rank's shares of an epoch together are the epoch's order.
+inside them (DDP's gradient all-reduce, FSDP2's all-gathers and reduce-scatters) need every rank.
+It runs ``steps.placeholder``: the global micro-batch's first example with every label ignored,
+so its loss and gradients are exactly 0 and it adds no tokens or targets to the step's counts.
+No example is dropped or repeated: every rank's shares of an epoch together are the epoch's order.
 
 DDP wraps the model with only the trainable tensors (deltas and head) registered with its reducer
 (``requires_grad``); the frozen base never is, and ``init_sync=False`` skips the start-up
@@ -37,6 +37,11 @@ Rank 0 alone writes files, prints the progress bar and the summary; a checkpoint
 a barrier, so only once every rank finished that step. A failure on any rank before training
 (bad data, a refused setting) reaches every rank through ``agree``: rank 0 reports it as one line
 and the others exit quietly.
+
+A rank that dies mid-run is not this module's to notice: on one machine torchrun polls its workers
+(``--monitor-interval``, 0.1 s) and stops the others (SIGTERM, SIGKILL after 30 s); a rank on
+another machine fails at its next collective on the closed connection, or after ``--dist-timeout``
+where the dead machine never closed it.
 """
 
 from __future__ import annotations
