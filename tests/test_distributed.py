@@ -222,11 +222,12 @@ def test_shares_cover_a_global_micro_batch_once():
     assert [share([4], Dist(rank=r, world=3)) for r in range(3)] == [[4], [], []]
     lm = {"input_ids": [1, 5, 9], "attention_mask": [1, 1, 1], "labels": [1, 5, 9]}
     cls = {"input_ids": [2, 7], "attention_mask": [1, 1], "label": 1}
-    for example, task in ((lm, "causal-lm"), (cls, "classification")):
+    mc = {"input_ids": [[2, 7], [2, 8, 9]], "attention_mask": [[1, 1], [1, 1, 1]], "label": 0}
+    for example, task in ((lm, "causal-lm"), (cls, "classification"), (mc, "multiple-choice")):
         assert count_targets(collate([example], 0), task) == (2 if task == "causal-lm" else 1)
         empty = placeholder(example, 0)
         assert count_targets(empty, task) == 0 and (empty["labels"] == -100).all()
-        assert empty["input_ids"].tolist() == [example["input_ids"]] and "placeholder" in empty
+        assert empty["input_ids"].tolist() == collate([example], 0)["input_ids"].tolist() and "placeholder" in empty
 
 
 def _state_step(out: Path) -> int | None:
