@@ -1,7 +1,8 @@
 """train-sparse under torchrun, for real: 2 CPU processes on gloo against 1 process.
 
 The same global batch gives the same deltas and head (``torch.allclose``, rtol 1e-4, atol 1e-6)
-under DDP and FSDP2; resumes cross world sizes; a rank killed with kill -9 ends the run; torchrun's
+under DDP and FSDP2, whatever the example count (ranks with unequal or empty shares of the last
+micro-batch); resumes cross world sizes; a rank killed with kill -9 ends the run; torchrun's
 --max-restarts resumes from the last checkpoint; bad settings are one line before training.
 """
 
@@ -38,13 +39,15 @@ TEXTS = [
 # order of a sum (two ranks instead of one) is amplified by AdamW's normalisation
 REVIEWS = [(f"The {thing} was {word}, {why}.", label)
            for thing, (word, label), why in zip(
-               ["movie", "hotel", "meal", "concert", "book", "game", "trip", "show"] * 2,
+               ["movie", "hotel", "meal", "concert", "book", "game", "trip", "show"] * 3,
                [("wonderful", "pos"), ("terrible", "neg"), ("lovely", "pos"), ("awful", "neg"),
-                ("great", "pos"), ("dull", "neg"), ("superb", "pos"), ("boring", "neg")] * 2,
+                ("great", "pos"), ("dull", "neg"), ("superb", "pos"), ("boring", "neg")] * 3,
                ["said my friend", "as I expected", "believe me", "once again", "to my surprise",
                 "as always", "sadly enough", "for sure", "in my view", "without doubt", "at last",
-                "more or less", "by far", "all in all", "on the whole", "honestly"])]
+                "more or less", "by far", "all in all", "on the whole", "honestly", "they say",
+                "if you ask me", "no less", "this time", "as it turned out", "so it seems", "alas"])]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ODD = 23  # examples that no world size of 2 or 3 shares evenly (23 = 12 + 11)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -55,7 +58,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def inputs(fixture_models, tmp_path_factory) -> dict[str, Path]:
     """Indexes (k=4), a dropout-free BERT classifier (dropout masks differ with the world size by
-    nature) and data files of 16 examples."""
+    nature) and data files of 16 and of 23 (``ODD``) examples."""
     d = tmp_path_factory.mktemp("dist-inputs")
     bert = d / "bert-cls"
     shutil.copytree(fixture_models["bert-cls"], bert)
@@ -64,15 +67,17 @@ def inputs(fixture_models, tmp_path_factory) -> dict[str, Path]:
     (bert / "config.json").write_text(json.dumps(cfg))
     out = {"llama": fixture_models["llama"], "bert": bert,
            "text": write_jsonl(d / "text.jsonl", [{"text": t} for t in TEXTS * 2]),
-           "cls": write_jsonl(d / "cls.jsonl", [{"text": t, "label": y} for t, y in REVIEWS])}
+           "cls": write_jsonl(d / "cls.jsonl", [{"text": t, "label": y} for t, y in REVIEWS[:16]]),
+           "text:23": write_jsonl(d / "text23.jsonl", [{"text": t} for t in (TEXTS * 3)[:ODD]]),
+           "cls:23": write_jsonl(d / "cls23.jsonl", [{"text": t, "label": y} for t, y in REVIEWS[:ODD]])}
     for name in ("llama", "bert"):
         out[f"index:{name}"] = d / f"{name}.k4.index.safetensors"
         run_index(out[name], 4, out[f"index:{name}"])
     return out
 
 
-def args(inputs, model: str, out: Path, *extra) -> list[str]:
-    data = "text" if model == "llama" else "cls"
+def args(inputs, model: str, out: Path, *extra, examples: int = 16) -> list[str]:
+    data = ("text" if model == "llama" else "cls") + ("" if examples == 16 else f":{examples}")
     return ["train-sparse", "--model", str(inputs[model]), "--index", str(inputs[f"index:{model}"]),
             "--data", str(inputs[data]), "-o", str(out), "--max-length", "24", "--lr", "1e-2",
             "--warmup-ratio", "0.25", "--seed", "3", "--quiet", "--json", *map(str, extra)]
@@ -86,24 +91,24 @@ def single(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 def torchrun(argv: list[str], nproc: int = 2, *, restarts: int = 0, timeout: float = 300,
              popen: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "--max-restarts", str(restarts), "--monitor-interval", "0.1", "-m", "neuroada_tools", *argv]
+           "--max-restarts", str(restarts), "-m", "neuroada_tools", *argv]  # default --monitor-interval (0.1 s)
     if popen:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def assert_same_training(a: Path, b: Path, *, share: float = 1.0) -> None:
+def assert_same_training(a: Path, b: Path, *, share: float = 1.0, worst: float = 1e-4) -> None:
     """Every tensor ``allclose(rtol 1e-4, atol 1e-6)``; with ``share < 1``, at least that share of
-    each tensor's entries, and the rest within 1e-2 x lr (see the BERT test)."""
+    each tensor's entries, and the rest within ``worst`` (default 1e-2 x lr; see the BERT tests)."""
     ta, tb = load_file(a), load_file(b)
     assert ta.keys() == tb.keys()
     for key in ta:
         close = torch.isclose(ta[key], tb[key], rtol=1e-4, atol=1e-6)
-        worst = (ta[key] - tb[key]).abs().max().item()
-        assert close.float().mean().item() >= share and worst <= (1e-4 if share < 1 else 1.0), (key, worst)
+        most = (ta[key] - tb[key]).abs().max().item()
+        assert close.float().mean().item() >= share and most <= (worst if share < 1 else 1.0), (key, most)
         if share == 1.0:
-            assert bool(close.all()), (key, worst)
+            assert bool(close.all()), (key, most)
     assert any(bool(t.abs().sum() > 0) for t in ta.values())  # something was trained
 
 
@@ -145,6 +150,84 @@ def test_two_processes_equal_one_with_the_same_global_batch(inputs, tmp_path, mo
     names = sorted(p.name for p in tmp_path.iterdir())
     runs = ("one", "acc", "ddp", "fsdp")
     assert names == sorted(f"{n}.{kind}.safetensors" for n in runs for kind in ("delta", "state"))
+
+
+# ODD examples in global batches of 12 (1 process, --batch-size 12): steps of 12 and 11 examples an
+# epoch. Each run cuts its steps into global micro-batches of batch size x world (mode, world,
+# --batch-size, --grad-accum), so the 11 end in shares of every kind: a last micro-batch smaller
+# than the world (1 on 2 ranks, 2 on 3: a rank with nothing to train on) and one example short
+# (5 = 3 + 2 on 2 ranks; 2 + 2 + 1 on 3, in the Llama resume below). One launch per case.
+UNEVEN = {"llama": [("fsdp", 2, 1, 6)], "bert": [("ddp", 3, 1, 4), ("fsdp", 2, 3, 2)]}
+
+
+@pytest.mark.parametrize("model", ["llama", "bert"])
+def test_any_example_count_trains_on_any_world_size(inputs, tmp_path, model):
+    """23 examples on 2 and 3 processes, DDP and FSDP2, equal 1 process; the Llama run resumes
+    mid-epoch on another world size and mode (FSDP2 x 2 -> DDP x 3) and trains through the
+    remainder to the same tensors as 1 process resumed the same way.
+
+    Llama is held to the tolerance on every entry. BERT has 2 entries (of 1,858) whose gradients
+    are ~0 at every step, where AdamW turns last-bit differences of summation order into updates of
+    a few % of the learning rate (see the test above): measured, 1 process with ``--batch-size 6
+    --grad-accum 2`` differs there from ``--batch-size 12`` by 2.5e-4, FSDP2 x 2 by 2.5e-4, DDP x 3
+    by 4.9e-4 (with ``--batch-size 1``: tensors of other shapes, sums in another order). So BERT is
+    held to the tolerance on 97% of each tensor's entries, the rest within 1e-3 (10% of the
+    learning rate); a dropped or repeated example moves every entry (22 or 24 examples: none
+    within the tolerance, up to 2.8e-2).
+    """
+    common = ("--max-steps", 3, "--warmup-ratio", 0.34)
+    ref = tmp_path / "one.delta.safetensors"
+    one = single(args(inputs, model, ref, "--batch-size", 12, *common, examples=ODD))
+    assert one.returncode == 0, one.stderr
+    s1 = json.loads(one.stdout)
+    for mode, world, batch, accum in UNEVEN[model]:
+        out = tmp_path / f"{mode}{world}.delta.safetensors"
+        run = torchrun(args(inputs, model, out, "--batch-size", batch, "--grad-accum", accum, *common,
+                            *(["--fsdp"] if mode == "fsdp" else []), examples=ODD), nproc=world)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert_same_training(out, ref, share=1.0 if model == "llama" else 0.97, worst=1e-3)
+        s = json.loads(run.stdout)  # every example counted once: no example dropped or repeated
+        assert (s["world_size"], s["global_batch"], s["examples"]) == (world, 12, ODD)
+        assert (s["tokens"], s["target_tokens"]) == (s1["tokens"], s1["target_tokens"])
+        assert abs(s["last_loss"] - s1["last_loss"]) <= 1e-4 * abs(s1["last_loss"])
+    if model != "llama":
+        return
+    # resume at step 3 (epoch 1, after 12 of its 23 examples) to step 5: step 4 is the remainder
+    # of 11, on 3 ranks in micro-batches of 6 (the last: 5 examples, shared 2, 2, 1)
+    more = ("--max-steps", 5, "--warmup-ratio", 0.34, "--resume")
+    one = single(args(inputs, model, tmp_path / "one.delta.safetensors", "--batch-size", 12, *more, examples=ODD))
+    assert one.returncode == 0, one.stderr
+    run = torchrun(args(inputs, model, tmp_path / "fsdp2.delta.safetensors", "--batch-size", 2, "--grad-accum", 2,
+                        *more, examples=ODD), nproc=3)
+    assert run.returncode == 0, run.stderr[-3000:]
+    s1, s = json.loads(one.stdout), json.loads(run.stdout)
+    assert (s["start_step"], s["steps"], s["world_size"]) == (3, 5, 3)
+    assert (s["tokens"], s["target_tokens"]) == (s1["tokens"], s1["target_tokens"])
+    assert_same_training(tmp_path / "fsdp2.delta.safetensors", tmp_path / "one.delta.safetensors")
+
+
+def test_shares_cover_a_global_micro_batch_once():
+    """Every rank's share together is the global micro-batch in order, sizes within one; a rank with
+    an empty share trains on a placeholder that weighs nothing."""
+    from neuroada_tools.train.data import collate
+    from neuroada_tools.train.distributed import Dist, share
+    from neuroada_tools.train.steps import count_targets, placeholder
+
+    for n in range(14):
+        for world in (1, 2, 3, 5):
+            parts = [share(list(range(100, 100 + n)), Dist(rank=r, world=world)) for r in range(world)]
+            assert sum(parts, []) == list(range(100, 100 + n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert [share([5, 1, 7, 2, 9], Dist(rank=r, world=2)) for r in range(2)] == [[5, 1, 7], [2, 9]]
+    assert [share([4], Dist(rank=r, world=3)) for r in range(3)] == [[4], [], []]
+    lm = {"input_ids": [1, 5, 9], "attention_mask": [1, 1, 1], "labels": [1, 5, 9]}
+    cls = {"input_ids": [2, 7], "attention_mask": [1, 1], "label": 1}
+    mc = {"input_ids": [[2, 7], [2, 8, 9]], "attention_mask": [[1, 1], [1, 1, 1]], "label": 0}
+    for example, task in ((lm, "causal-lm"), (cls, "classification"), (mc, "multiple-choice")):
+        assert count_targets(collate([example], 0), task) == (2 if task == "causal-lm" else 1)
+        empty = placeholder(example, 0)
+        assert count_targets(empty, task) == 0 and (empty["labels"] == -100).all()
+        assert empty["input_ids"].tolist() == collate([example], 0)["input_ids"].tolist() and "placeholder" in empty
 
 
 def _state_step(out: Path) -> int | None:
@@ -235,17 +318,6 @@ def test_fsdp_without_torchrun_is_refused(inputs, tmp_path):
     r = single(args(inputs, "llama", tmp_path / "x.delta.safetensors", "--fsdp"))
     _one_line_error(r, "--fsdp shards the model over processes started by torchrun")
     assert r.returncode == 2 and list(tmp_path.iterdir()) == []
-
-
-def test_examples_the_ranks_cannot_share_are_refused_before_training(inputs, tmp_path):
-    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": t} for t in TEXTS[:7]])
-    argv = args(inputs, "llama", tmp_path / "x.delta.safetensors", "--batch-size", 2)
-    argv[argv.index("--data") + 1] = str(odd)
-    _one_line_error(torchrun(argv), "7 examples in global micro-batches of 2 x 2 ranks leave 3")
-    one = write_jsonl(tmp_path / "one.jsonl", [{"text": TEXTS[0]}])
-    argv[argv.index("--data") + 1] = str(one)
-    _one_line_error(torchrun(argv), "world size 2 is larger than the 1 training examples")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.jsonl", "one.jsonl"]
 
 
 def test_ranks_reading_different_files_are_refused(inputs, tmp_path):

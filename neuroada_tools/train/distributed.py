@@ -7,13 +7,21 @@ each rank uses ``LOCAL_RANK``'s device. Without torchrun nothing here does anyth
 The same global batch means the same training. ``--batch-size`` is the per-process micro-batch;
 the global micro-batch is ``batch_size x world`` examples, cut from the epoch's order exactly as
 one process with ``--batch-size batch_size x world`` would cut it, and rank ``r`` takes the
-``r``-th equal share of it (``share``). The loss is the sum over the whole global step divided
-by the step's global target count (``all_sum``), so 2 processes with ``--batch-size 4`` follow 1
-process with ``--batch-size 8`` to float tolerance. Worked example: 10 examples, world 2,
-``--batch-size 2``: global micro-batches of 4, 4 and 2 examples; rank 1 takes examples 2-3, 6-7
-and 9 of the epoch's order. A final global micro-batch the ranks cannot share evenly (9 examples,
-world 2, batch 2: 1 left) is refused before training with a ``--batch-size`` that works
-(``check_shares``).
+``r``-th share of it (``share``). The loss is the sum over the whole global step divided by the
+step's global target count (``all_sum``), so 2 processes with ``--batch-size 4`` follow 1 process
+with ``--batch-size 8`` to float tolerance. Worked example: 10 examples, world 2, ``--batch-size
+2``: global micro-batches of 4, 4 and 2 examples; rank 1 takes examples 2-3, 6-7 and 9 of the
+epoch's order.
+
+Any example count trains on any world size. The last global micro-batch of an epoch holds
+``examples mod (batch_size x world)`` examples; ``share`` cuts it into contiguous shares whose
+sizes differ by at most one (7 examples on 2 ranks: 4 and 3; 1 example on 3 ranks: 1, 0, 0).
+Unequal shares change nothing in the arithmetic (the loss is normalised by the global count), but
+a rank with an empty share must still run a forward and a backward, because the collectives
+inside them (DDP's gradient all-reduce, FSDP2's all-gathers and reduce-scatters) need every rank.
+It runs ``steps.placeholder``: the global micro-batch's first example with every label ignored,
+so its loss and gradients are exactly 0 and it adds no tokens or targets to the step's counts.
+No example is dropped or repeated: every rank's shares of an epoch together are the epoch's order.
 
 DDP wraps the model with only the trainable tensors (deltas and head) registered with its reducer
 (``requires_grad``); the frozen base never is, and ``init_sync=False`` skips the start-up
@@ -29,6 +37,11 @@ Rank 0 alone writes files, prints the progress bar and the summary; a checkpoint
 a barrier, so only once every rank finished that step. A failure on any rank before training
 (bad data, a refused setting) reaches every rank through ``agree``: rank 0 reports it as one line
 and the others exit quietly.
+
+A rank that dies mid-run is not this module's to notice: on one machine torchrun polls its workers
+(``--monitor-interval``, 0.1 s) and stops the others (SIGTERM, SIGKILL after 30 s); a rank on
+another machine fails at its next collective on the closed connection, or after ``--dist-timeout``
+where the dead machine never closed it.
 """
 
 from __future__ import annotations
@@ -177,37 +190,19 @@ def same_everywhere(dist: Dist, digests: dict[str, str]) -> None:
                 )
 
 
-def check_shares(examples: int, batch_size: int, world: int) -> None:
-    """Refuse a world the global micro-batches cannot be shared over evenly (see the module docstring).
-
-    The last global micro-batch of an epoch holds ``examples mod (batch_size x world)`` examples,
-    which is ``examples mod world`` more than a multiple of ``world`` whatever the batch size: so
-    the ranks share every micro-batch evenly exactly when ``world`` divides the example count.
-    Example: 10 examples on 4 ranks, ``--batch-size 2``: micro-batches of 8 and 2; the 2 cannot
-    go to 4 ranks, refused (use 2 or 5 ranks, or 8 or 12 examples).
-    """
-    if world <= 1:
-        return
-    if examples < world:
-        raise TrainingError(f"world size {world} is larger than the {examples} training examples")
-    rest = examples % (batch_size * world)
-    if rest % world == 0:
-        return
-    ranks = [w for w in range(world - 1, 0, -1) if examples % w == 0][0]
-    lower, upper = examples - examples % world, examples + world - examples % world
-    raise TrainingError(
-        f"{examples} examples in global micro-batches of {batch_size} x {world} ranks leave {rest} at the end of "
-        f"each epoch, which {world} ranks cannot share evenly (no --batch-size changes that: the remainder is "
-        f"{examples} mod {world}); run {ranks} processes, or train on {lower} or {upper} examples"
-    )
-
-
 def share(indices: list[int], dist: Dist) -> list[int]:
-    """This rank's equal share of one global micro-batch (``check_shares`` made it divide evenly)."""
+    """This rank's contiguous share of one global micro-batch: shares differ in size by at most one,
+    the first ``len(indices) mod world`` ranks taking the larger; possibly empty.
+
+    Example: ``indices = [5, 1, 7, 2, 9]`` on 2 ranks: rank 0 takes ``[5, 1, 7]``, rank 1
+    ``[2, 9]``; ``[4]`` on 3 ranks: ``[4]``, ``[]``, ``[]``. A full global micro-batch of
+    ``batch_size x world`` gives every rank ``batch_size``.
+    """
     if dist.world <= 1:
         return indices
-    per = len(indices) // dist.world
-    return indices[dist.rank * per : (dist.rank + 1) * per]
+    per, extra = divmod(len(indices), dist.world)
+    first = dist.rank * per + min(dist.rank, extra)
+    return indices[first : first + per + (1 if dist.rank < extra else 0)]
 
 
 def all_sum(dist: Dist, values: list[float], device: torch.device) -> list[float]:

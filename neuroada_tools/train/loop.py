@@ -80,6 +80,7 @@ from neuroada_tools.train.steps import (
     make_optimizer,
     nan_message,
     optimizer_step,
+    placeholder,
     steps_per_epoch,
     warmup_steps,
 )
@@ -147,7 +148,6 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
         prep = prepare_data(cfg, task, model_dir)
         examples, eval_examples, label_names = prep.examples, prep.eval_examples, prep.label_names
         num_examples = len(examples)
-        distributed.check_shares(num_examples, cfg.batch_size, dist.world)
         micro = cfg.batch_size * dist.world  # examples per global micro-batch
         step_examples = micro * cfg.grad_accum  # the global batch
         epoch_steps = steps_per_epoch(num_examples, micro, cfg.grad_accum)
@@ -261,8 +261,11 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
             epoch, position = epoch + 1, 0
             continue
         chunk = order[position : position + step_examples]
-        group = [collate([examples[i] for i in distributed.share(chunk[s : s + micro], dist)], prep.pad_id)
-                 for s in range(0, len(chunk), micro)]
+        group = []  # this rank's share of each global micro-batch of the step
+        for s in range(0, len(chunk), micro):
+            mine = distributed.share(chunk[s : s + micro], dist)
+            group.append(collate([examples[i] for i in mine], prep.pad_id) if mine
+                         else placeholder(examples[chunk[s]], prep.pad_id))  # an empty share: weighs 0
         lr = lr_at(step, total_steps, warmup, cfg.lr)
         try:
             result = optimizer_step(runner, params, optimizer, group, task, device, lr, cfg.max_grad_norm,

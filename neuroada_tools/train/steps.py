@@ -91,9 +91,26 @@ def compute_loss(
 
 
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    """Targets the loss of ``batch`` sums over: label tokens (causal LM, the first position has no
+    prediction) or examples (classification, multiple choice), those labelled ``-100`` left out."""
     if task == "causal-lm":
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return int(batch["labels"].shape[0])
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def placeholder(example: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch that weighs nothing: ``example`` collated with every label ``-100``.
+
+    For a rank whose share of a global micro-batch is empty (``train/distributed.py``): its forward
+    and backward run the collectives the other ranks wait for, while the summed loss over no
+    targets is exactly 0, so every gradient it adds is 0, and ``count_targets`` is 0. The key
+    ``placeholder`` keeps its tokens out of the step's token count. Example: a causal-LM example
+    ``[1, 5, 9]`` gives ``labels [[-100, -100, -100]]`` and a loss of ``0.0``.
+    """
+    batch = collate([example], pad_id)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    batch["placeholder"] = torch.ones((), dtype=torch.bool)
+    return batch
 
 
 def has_target(example: dict[str, Any]) -> bool:
@@ -166,7 +183,8 @@ def optimizer_step(
     by the world size (DDP and FSDP2 average gradients over ranks; this keeps the global sum),
     gradients are reduced once per step (DDP ``no_sync`` before the last micro-batch), and the
     loss check happens once the step's loss is summed over ranks, so every rank stops together.
-    The returned loss, tokens and targets are the global ones.
+    The returned loss, tokens and targets are the global ones. A ``placeholder`` micro-batch (an
+    empty share) adds 0 to the loss, the gradients and both counts.
     """
     from neuroada_tools.train import distributed
 
@@ -185,7 +203,7 @@ def optimizer_step(
                 raise NonFinite("loss")
             (loss * world if world > 1 else loss).backward()
         step_loss += float(loss.detach())
-        tokens += int(mb["attention_mask"].sum())
+        tokens += 0 if "placeholder" in mb else int(mb["attention_mask"].sum())
     if world > 1:
         step_loss, total_tokens = distributed.all_sum(dist, [step_loss, float(tokens)], device)
         tokens = int(total_tokens)
