@@ -8,17 +8,38 @@ tolerance. ``check_with_past`` does the same for the KV-cache graph: a prefill a
 What it leaves out: loading models and attaching bypasses (the caller hands in ready models),
 exporting (``onnx_export.py``), and printing (``cli.py`` reports).
 
-Tolerances (``TOLERANCES[dtype][kind]``, kind "merged" = merged torch vs unmerged torch,
+Calibrated (what ``check/run.py`` applies where the merged or exported model keeps the base dtype).
+The reference is the unmerged model (base + bypass on the unfused path ``x W^T + x S^T``) evaluated
+in float64 (``evaluated_in``: every floating tensor upcast in place, exactly, and restored). Its own
+run in its dtype on the same inputs gives the **noise floor** ``n`` (max abs logit difference): what
+rounding alone does to this model at these inputs. A form (merged torch, ONNX Runtime, the cached
+step) passes when its max abs difference from the float64 reference is at most
+
+    NOISE_FACTOR x max(n, ULP_FLOOR x 2^-23 x ref_scale)          (``calibrated_tolerance``)
+
+with ``NOISE_FACTOR = 4``. Measured ratio (form vs float64) / n: merged SmolLM2-135M-Instruct
+(30 layers, logit scale ~35, trained k=1 and k=20 deltas) 0.19-1.02 over 4 input seeds (n 1.1e-4 to
+1.5e-3); its torch ONNX export 0.82; the tiny fixtures below 1 (``tests/test_parity_calibrated.py``).
+4 is 4x the worst of these. Where the arithmetic is the same, no tolerance: the merged model
+against the fused bypass (the in-place ``cast(fp32(W0) + delta)`` and one matmul) must be equal bit
+for bit (``EXACT``); ONNX graphs, whose kernels sum in other orders, get the bit-for-bit comparison
+of their weights instead (``check/onnx_weights.py``). Those exact comparisons are what catch one
+misplaced entry of a trained delta on a deep model, whose effect (1e-3 to 0.24 on SmolLM2) can hide
+under ``4 n``.
+
+The fixed table below (``TOLERANCES[dtype][kind]``; kind "merged" = merged torch vs unmerged torch,
 "onnx" = ONNX Runtime vs unmerged torch, "tight" = the fp32 rounding check of a bf16/fp16 merge,
-``check/rounding.py``). A check passes when
+``check/rounding.py``) stays for a merge written in another dtype than the base (``merge --dtype
+bf16`` of an fp32 base: no exact comparison, no noise floor of its own) and for callers that pass a
+``Tolerance`` to ``assert_within``. A check passes when
 
     max_abs <= atol + rtol * ref_scale
 
 where ``max_abs`` is the largest absolute logit difference over compared positions and
 ``ref_scale`` the largest absolute reference logit there.
 
-* fp32: atol 1e-5 (merged) and 1e-4 (onnx), rtol 0, as the design fixes them. Observed: ONNX
-  Runtime vs torch ~1e-7 on the test models (kernel summation order only).
+* fp32: atol 1e-5 (merged) and 1e-4 (onnx), rtol 0: set on two-layer toys; every correct merge of a
+  30-layer LLM exceeds them (SmolLM2: 1e-4 to 1.6e-3), hence the calibrated rule above.
 * bf16: atol 1e-3, rtol 1e-1. bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3) and
   rounds every activation, so a bf16 forward differs from exact arithmetic by a fraction of the
   logit scale, growing with depth and activation size -- hence a relative bound.
