@@ -95,11 +95,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from neuroada_tools.errors import ModelError, ParityError
+
+# the ONNX Runtime runners live in forms/ (below check, generate and evaluate); their names stay importable here
+from neuroada_tools.forms.onnx_runtime import empty_past, ort_run, ort_session  # noqa: F401
 from neuroada_tools.hf import DTYPE_NAMES
 from neuroada_tools.hf.signature import (
     cache_kwarg,
@@ -359,78 +361,6 @@ def _reference_logits(logits: torch.Tensor) -> torch.Tensor:
     return (logits if logits.dtype == torch.float64 else logits.float()).cpu()
 
 
-_ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
-def ort_session(onnx_path: Path, provider: str = "cpu"):
-    """An onnxruntime InferenceSession on "cpu" or "cuda" (CUDA only when asked and available)."""
-    import onnxruntime as ort
-
-    onnx_path = Path(onnx_path)
-    if provider == "cpu":
-        providers = ["CPUExecutionProvider"]
-    elif provider == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ModelError(
-                f"provider 'cuda' asked for, but onnxruntime {ort.__version__} offers only "
-                f"{ort.get_available_providers()} (install onnxruntime-gpu)"
-            )
-        providers = ["CUDAExecutionProvider"]
-    else:
-        raise ModelError(f"provider {provider!r}: expected 'cpu' or 'cuda'")
-    if not onnx_path.is_file():
-        raise ModelError(f"{onnx_path}: no such ONNX file")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... classes
-        hint = ""
-        if provider == "cpu" and "NOT_IMPLEMENTED" in str(e) and _declares_bf16(onnx_path):
-            hint = " (a bf16 graph: onnxruntime's CPU provider lacks bf16 kernels; export with dtype='fp32')"
-        raise ModelError(f"{onnx_path}: onnxruntime cannot load it: {str(e).strip().splitlines()[0]}{hint}") from e
-
-
-def _declares_bf16(onnx_path: Path) -> bool:
-    import onnx
-
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception:
-        return False
-    bf16 = onnx.TensorProto.BFLOAT16
-    return any(t.data_type == bf16 for t in graph.initializer) or any(
-        v.type.tensor_type.elem_type == bf16 for v in (*graph.input, *graph.output)
-    )
-
-
-def _feed(session, inputs: dict[str, torch.Tensor], where: str) -> dict[str, np.ndarray]:
-    feed = {}
-    for arg in session.get_inputs():
-        if arg.name not in inputs:
-            raise ModelError(f"{where}: the graph needs input {arg.name!r}; given {sorted(inputs)}")
-        value = inputs[arg.name].detach().cpu()
-        if arg.type in _ORT_INT:
-            feed[arg.name] = value.numpy().astype(_ORT_INT[arg.type], copy=False)
-        elif arg.type in _ORT_FLOAT:
-            feed[arg.name] = value.float().numpy().astype(_ORT_FLOAT[arg.type], copy=False)
-        else:
-            raise ModelError(f"{where}: input {arg.name!r} has type {arg.type}, which this runner cannot feed")
-    return feed
-
-
-def ort_run(session, inputs: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Every output of ``session`` on ``inputs`` (cast to the declared input types), as torch tensors."""
-    feed = _feed(session, inputs, where)
-    names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run(names, feed)
-    except Exception as e:
-        raise ModelError(f"{where}: onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
-    return {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, values)}
-
-
 def run_onnx(onnx_path: Path, inputs: dict[str, torch.Tensor], provider: str = "cpu") -> torch.Tensor:
     """Logits of an exported graph on ``inputs`` (only the inputs the graph declares are fed), fp32."""
     session = ort_session(onnx_path, provider)
@@ -503,17 +433,3 @@ def check_with_past(
     reference = torch.cat([prefill_ref, step_ref], dim=1)
     other = torch.cat([prefill["logits"].float(), step["logits"].float()], dim=1)
     return compare_logits(reference, other, step_mask)
-
-
-def empty_past(session, past_in: list[str], batch: int, where: str) -> dict[str, torch.Tensor]:
-    """Zero-length ``past_key_values.*`` for a prefill through a with-past graph: ``[batch, heads, 0, head_dim]``.
-
-    The graph must declare fixed heads and head_dim (the exporter does); the dtype is cast on feeding.
-    """
-    empty = {}
-    for name, arg in zip(past_in, session.get_inputs()[2:]):
-        heads, head_dim = arg.shape[1], arg.shape[3]
-        if not isinstance(heads, int) or not isinstance(head_dim, int):
-            raise ModelError(f"{where}: input {name!r} has shape {arg.shape}; heads and head_dim must be fixed")
-        empty[name] = torch.zeros(batch, heads, 0, head_dim)  # _feed casts to the declared dtype
-    return empty

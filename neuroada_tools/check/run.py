@@ -41,9 +41,10 @@ from neuroada_tools.check.parity import (
 )
 from neuroada_tools.check.rounding import check_rounding, needs_rounding_check
 from neuroada_tools.errors import NeuroAdaError, ParityError
-from neuroada_tools.hf import DTYPE_NAMES, first_line, load_model, task_config
+from neuroada_tools.forms import load_unmerged  # noqa: F401  (public name of this module before forms/)
+from neuroada_tools.forms import load_unmerged_with_delta as _load_unmerged
+from neuroada_tools.hf import DTYPE_NAMES, first_line, load_model
 from neuroada_tools.hf.signature import first_id_within, input_vocab_size, uses_token_type_ids
-from neuroada_tools.io.sidecar import DeltaSidecar, read_delta, read_index
 from neuroada_tools.train import bypass
 
 
@@ -95,27 +96,6 @@ def _folder_dtype_key(folder: Path) -> str:
 def _looser(a: str, b: str) -> str:
     """The lower of two precisions: a bf16 merge of an fp32 base is held to the bf16 tolerance."""
     return a if _LOOSENESS[a] >= _LOOSENESS[b] else b
-
-
-def load_unmerged(model_dir: Path, index_path: Path, delta_path: Path, *, mode: str = "reference",
-                  trust_remote_code: bool = False):
-    """The base model with the sidecars attached (what training produced, before any merge)."""
-    model, task, _ = _load_unmerged(model_dir, index_path, delta_path, mode=mode, trust_remote_code=trust_remote_code)
-    return model, task
-
-
-def _load_unmerged(model_dir: Path, index_path: Path, delta_path: Path, *, mode: str = "reference",
-                   trust_remote_code: bool = False) -> tuple[torch.nn.Module, str, DeltaSidecar]:
-    index = read_index(index_path)
-    delta = read_delta(delta_path, index)
-    task = delta.task or "causal-lm"
-    labels = delta.info.get("label_names") or None
-    cfg = task_config(model_dir, task, num_labels=delta.info.get("num_labels"), label_names=labels,
-                      trust_remote_code=trust_remote_code)
-    model = load_model(model_dir, task, config=cfg, trust_remote_code=trust_remote_code)
-    bypass.attach(model, index, delta, mode=mode)
-    model.eval()
-    return model, task, delta
 
 
 def run_check(

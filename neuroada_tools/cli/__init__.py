@@ -13,7 +13,7 @@ shorten_openmp_spin()  # before anything imports torch (see native.py)
 import click  # noqa: E402
 
 from neuroada_tools import __version__  # noqa: E402
-from neuroada_tools.cli import check, convert_gguf, demo, generate, index, merge, train_sparse  # noqa: E402
+from neuroada_tools.cli import check, convert_gguf, demo, evaluate, generate, index, merge, train_sparse  # noqa: E402
 
 
 @click.group(
@@ -26,7 +26,7 @@ def main() -> None:
     """NeuroAda sparse fine-tuning: index -> train-sparse -> merge (safetensors / ONNX)."""
 
 
-for _module in (convert_gguf, index, train_sparse, merge, check, generate, demo):
+for _module in (convert_gguf, index, train_sparse, merge, check, generate, evaluate, demo):
     main.add_command(_module.command)
 
 

@@ -22,13 +22,11 @@ them), and speculative tricks. Every session runs in eval mode without gradients
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from neuroada_tools.check.parity import empty_past, ort_run, ort_session
-from neuroada_tools.errors import ModelError
+from neuroada_tools.forms.onnx_runtime import empty_past, ort_run
 from neuroada_tools.generate.decode import pad_left, pad_right
 from neuroada_tools.hf.signature import (
     cache_kwarg,
@@ -130,32 +128,3 @@ class FullRerun:
         self.mask[rows, self.lengths] = 1
         self.lengths = self.lengths + 1
         return self._forward()
-
-
-def onnx_logits(path: Path, provider: str = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(ids, mask) -> logits`` of a logits-only ``model.onnx`` (for ``FullRerun``)."""
-    session = ort_session(path, provider)
-    declared = [i.name for i in session.get_inputs()]
-    if declared != ["input_ids", "attention_mask"]:
-        raise ModelError(f"{path}: expected inputs ['input_ids', 'attention_mask'] of a decoder; found {declared}")
-
-    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = ort_run(session, {"input_ids": ids, "attention_mask": mask}, str(path))
-        if "logits" not in out or out["logits"].dim() != 3:
-            raise ModelError(f"{path}: expected an output 'logits' [batch, sequence, vocab]; found {sorted(out)}")
-        return out["logits"]
-
-    return run
-
-
-def with_past_session(path: Path, num_layers: int, provider: str = "cpu"):
-    """An ONNX Runtime session of a with-past graph, refused unless it takes the past of every layer."""
-    session = ort_session(path, provider)
-    past_in, _ = past_names(num_layers)
-    declared = [i.name for i in session.get_inputs()]
-    if declared != ["input_ids", "attention_mask", *past_in]:
-        raise ModelError(
-            f"{path}: expected inputs input_ids, attention_mask, {past_in[0]}, ... for {num_layers} layers "
-            f"(merge --to onnx --with-past writes them); found {declared[:4]}{' ...' if len(declared) > 4 else ''}"
-        )
-    return session

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from neuroada_tools.errors import ModelError
+from neuroada_tools.forms import load_complete, load_unmerged, onnx_logits, with_past_session
 from neuroada_tools.generate.decode import Session
-from neuroada_tools.generate.sessions import FullRerun, OnnxWithPast, TorchCached, onnx_logits, with_past_session
+from neuroada_tools.generate.sessions import FullRerun, OnnxWithPast, TorchCached
 from neuroada_tools.hf import is_encoder, task_config, task_of_architectures
 from neuroada_tools.hf.signature import first_id_within, forward_params, input_vocab_size, num_hidden_layers
 
@@ -135,9 +136,7 @@ def from_model(kind: str, folder: Path, model: nn.Module, *, vocab: int | None =
 
 
 def open_unmerged(model_dir: Path, index_path: Path, delta_path: Path) -> Source:
-    """The base with the sidecars attached on the reference path (``check.run.load_unmerged``)."""
-    from neuroada_tools.check.run import load_unmerged
-
+    """The base with the sidecars attached on the reference path (``forms.load_unmerged``)."""
     model_dir = Path(model_dir)
     _config(model_dir)
     model, task = load_unmerged(model_dir, Path(index_path), Path(delta_path))
@@ -148,8 +147,6 @@ def open_unmerged(model_dir: Path, index_path: Path, delta_path: Path) -> Source
 
 def open_merged(folder: Path) -> Source:
     """A merged (or any complete) causal-LM folder, loaded with transformers."""
-    from neuroada_tools.hf import load_complete
-
     folder = Path(folder)
     _config(folder)
     model, _ = load_complete(folder, "causal-lm")
