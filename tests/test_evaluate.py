@@ -22,7 +22,10 @@ from neuroada_tools.errors import DataError
 from neuroada_tools.evaluate import answers
 from neuroada_tools.evaluate.records import to_items
 from neuroada_tools.train.data import read_records
+from tests import chatkit
 from tests.evalkit import greedy_text, sequence_logprob
+
+chat_tok = chatkit.chat_tok
 
 QUESTIONS = [
     ("What is red?", ["the sky", "blood", "grass"], 1),
@@ -256,3 +259,33 @@ def test_references_must_fit_the_rule_and_options_are_needed_for_loglik(tmp_path
 def test_too_long_for_the_model_is_refused_naming_the_record(fixture_models, arc_file):
     r = run_cli("evaluate", "--merged", fixture_models["llama"], "--data", arc_file, "--limit", 1, "-q")
     assert r.exit_code == 2 and "arc.json record 1 (line 2):" in r.stderr and "64 positions" in r.stderr
+
+
+def test_chat_records_prompt_with_exactly_the_training_ids(tmp_path, chat_tok):
+    """Conversational and prompt-completion records (and instruction records under ``--template chat``)
+    are prompted with the ids ``train.data.chat.render_prompts`` gives, i.e. ``apply_chat_template`` of
+    the turns before the reference with the generation prompt; the reference is the last assistant turn."""
+    tok = chat_tok
+    records = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now"}]},
+        {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]},
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    items = to_items(read_records(data), "alpaca", path=data, tokenizer=lambda: tok)
+    first = tok.apply_chat_template(records[0]["messages"][:3], add_generation_prompt=True, tokenize=True)
+    second = tok.apply_chat_template(records[1]["prompt"], add_generation_prompt=True, tokenize=True)
+    as_ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in (first, second)]
+    assert [it.prompt_ids for it in items] == as_ids
+    assert [it.reference for it in items] == ["Bye now", "4"] and {it.kind for it in items} == {"chat"}
+    inst = tmp_path / "inst.jsonl"
+    inst.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    item = to_items(read_records(inst), "chat", path=inst, tokenizer=lambda: tok)[0]
+    want = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True, tokenize=True)
+    assert item.prompt_ids == (list(want["input_ids"]) if hasattr(want, "keys") else list(want))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]})
+                   + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl line 1: .*unknown role 'robot'"):
+        to_items(read_records(bad), "alpaca", path=bad, tokenizer=lambda: tok)

@@ -52,7 +52,7 @@ def trained(smollm2_dir, data_dir, tmp_path_factory):
         r = run_cli("index", base, "-k", k, "-o", ip, "-q")
         assert r.exit_code == 0, r.output
         r = run_cli("train-sparse", "--model", base, "--index", ip, "--data", data, "-o", dp, "--max-steps", 2,
-                    "--batch-size", 4, "--max-length", 96, "--lr", lr, "--device", "cpu", "--dtype",
+                    "--batch-size", 2, "--max-length", 96, "--lr", lr, "--device", "cpu", "--dtype",
                     "bf16" if "bf16" in name else "fp32", "-q")
         assert r.exit_code == 0, r.output
         out[name] = (base, ip, dp)

@@ -171,9 +171,6 @@ def run_check(
                 finally:
                     bypass.set_mode(unmerged, "reference")
             record("merged_vs_unmerged", compare_logits(ref, merged_logits, mask), "merged")
-        if needs_rounding_check(unmerged, merged):
-            with comparison_errors("merged_vs_unmerged_fp32"):
-                record("merged_vs_unmerged_fp32", check_rounding(unmerged, merged, inputs, mask, delta.dense), "tight")
     if onnx_dir is not None:
         with comparison_errors("onnx_vs_unmerged"):
             onnx_path = Path(onnx_dir) / "model.onnx"
@@ -195,6 +192,10 @@ def run_check(
             result.generation = check_generation(
                 unmerged, Path(model_dir), merged=merged, onnx_dir=onnx_dir, with_past=with_past, provider=provider,
                 new_tokens=generate, batch=batch, seq=seq, seed=seed, enforced=key == "fp32")
+    if merged is not None and needs_rounding_check(unmerged, merged):  # last: it upcasts ``merged`` in place
+        with comparison_errors("merged_vs_unmerged_fp32"):
+            bypass.set_mode(unmerged, "reference")
+            record("merged_vs_unmerged_fp32", check_rounding(unmerged, merged, inputs, mask, delta.dense), "tight")
     del merged
     if raise_on_failure and not result.passed:
         bad = [f"{n}: max abs {c['max_abs']:.3g} > tolerance {c['tolerance']:.3g} "

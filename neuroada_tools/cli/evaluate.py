@@ -31,8 +31,9 @@ Examples:
 @click.option("--scoring", type=click.Choice(["generate", "loglik"]), default="generate", show_default=True,
               help="Greedy generation + answer extraction, or option log-likelihood (acc, acc_norm). "
                    "Classification records are scored by the classifier's argmax either way.")
-@click.option("--template", type=click.Choice(["alpaca"]), default="alpaca", show_default=True,
-              help="Prompt template, rendered as train-sparse renders it.")
+@click.option("--template", type=click.Choice(["alpaca", "chat"]), default="alpaca", show_default=True,
+              help="Instruction records' prompt template, rendered as train-sparse renders it (chat: the "
+                   "tokenizer's chat template). Conversational and prompt-completion records always use theirs.")
 @click.option("--prompt-style", type=click.Choice(["template", "lm-eval"]), default="template", show_default=True,
               help="loglik: the training prompt then the option text, or lm-eval's "
                    "'Question: {q}\\nAnswer:' + ' {option}'.")

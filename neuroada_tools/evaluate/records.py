@@ -18,14 +18,18 @@ whose ``matches`` accepts it; its ``to_item`` renders the prompt and returns the
 * ``classification`` (``text`` and ``label``, train-sparse's classification data): scored by the
   argmax of a classifier's head; the label is mapped to an id by the model's label names.
 
-More kinds plug in through ``register_kind`` with no change here: a conversational record
-(``{"messages": [...]}``) whose reference is its last assistant turn and whose prompt is the chat
-template applied to the turns before it, or a prompt-completion record (``{"prompt", "completion"}``)
-whose reference is the completion. Its ``to_item(record, where, prompting)`` gets a ``Prompting``: the
-template name and ``tokenizer()``, which loads the tokenizer on first call (a chat template lives
-in it; the Alpaca template never calls it, so its records are checked before anything is loaded).
-``register_kind`` puts a new kind before ``classification``; a new template name joins ``TEMPLATES``
-and ``render``.
+* ``chat`` (TRL's formats, as train-sparse reads them: conversational ``{"messages": [...]}``, whose
+  reference is the last assistant turn, and prompt-completion ``{"prompt", "completion"}``, whose
+  reference is the completion): the prompt ids are ``train.data.chat.render_prompts``' -- the chat
+  template applied to the turns before the reference with the generation prompt, or ``prefix +
+  ids(prompt)`` for a string prompt -- exactly what training puts before its target.
+
+Under ``--template chat`` an instruction (or ``choices``) record is a user turn rendered with the
+tokenizer's chat template, as ``train-sparse --template chat`` renders it. Prompts that need the
+tokenizer carry their ids (``Item.prompt_ids``; ``Item.prompt`` is then their decoded text, for the
+predictions file). ``to_item(record, where, prompting)`` gets a ``Prompting``: the template name and
+``tokenizer()``, which loads the tokenizer on first call (the Alpaca template never calls it). More
+kinds plug in through ``register_kind``, which puts a new kind before ``classification``.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from neuroada_tools.errors import DataError
 from neuroada_tools.train.data import format_prompt, parse_arc_choices
 from neuroada_tools.train.data.records import RecordList, _json_type, _Locator
 
-TEMPLATES = ("alpaca",)
-"""Prompt templates; ``alpaca`` is train-sparse's (LLM-Adapters) template."""
+TEMPLATES = ("alpaca", "chat")
+"""Prompt templates, as train-sparse's ``--template``: ``alpaca`` (LLM-Adapters), ``chat`` (the tokenizer's)."""
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Item:
     question: str | None = None
     text: str | None = None
     label: int | str | None = None
+    prompt_ids: list[int] | None = None  # the prompt's token ids where the tokenizer rendered it (chat)
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,39 @@ class RecordKind:
 
 
 def render(prompting: Prompting, instruction: str, input: str = "") -> str:
-    """The prompt train-sparse renders for an instruction under ``prompting.template``."""
+    """The prompt train-sparse renders for an instruction under the Alpaca template (``chat``: ``_rendered``)."""
     if prompting.template not in TEMPLATES:
         raise DataError(f"unknown template {prompting.template!r} (expected one of {', '.join(TEMPLATES)})")
     return format_prompt(instruction, input)
+
+
+def _rendered(record: Mapping, where: str, prompting: Prompting, fmt: str | None) -> tuple[list[int], str, str]:
+    """``(prompt ids, their text, reference)`` of one record, rendered by ``train.data.chat.render_prompts``."""
+    from neuroada_tools.train.data.chat import render_prompts
+
+    if prompting.tokenizer is None:
+        raise DataError(f"{where}: the chat template needs the model's tokenizer")
+    tok = prompting.tokenizer()
+    one = RecordList([dict(record)], locations=[where])
+    rendered = render_prompts(one, tok, fmt=fmt, template=prompting.template)[0]
+    ids = list(rendered.prompt_ids)
+    return ids, tok.decode(ids), rendered.reference
+
+
+def chat_item(record: Mapping, where: str, prompting: Prompting) -> Item:
+    ids, text, reference = _rendered(record, where, prompting, None)
+    if not reference.strip():
+        raise DataError(f"{where}: no reference: the last assistant turn or completion is empty")
+    return Item(where, text, reference, "chat", prompt_ids=ids)
+
+
+def _chat_prompt(item: Item, record: Mapping, prompting: Prompting) -> Item:
+    """Under ``--template chat``: the instruction as a user turn, rendered as train-sparse does."""
+    if prompting.template == "chat":
+        user = {"instruction": record.get("instruction", record.get("question")), "input": record.get("input", ""),
+                "output": item.reference}
+        item.prompt_ids, item.prompt, _ = _rendered(user, item.where, prompting, "instruction")
+    return item
 
 
 def _string(record: Mapping, name: str, where: str, *, required: bool = True) -> str:
@@ -109,7 +143,8 @@ def instruction_item(record: Mapping, where: str, prompting: Prompting) -> Item:
     reference = answer if answer.strip() else output
     if not reference.strip():
         raise DataError(f"{where}: no reference: fields 'answer' and 'output' are both missing or empty")
-    item = Item(where, render(prompting, instruction, extra), reference, "instruction")
+    item = _chat_prompt(Item(where, render(prompting, instruction, extra), reference, "instruction"), record,
+                        prompting)
     if re.search(r"(?:^|\s)Answer1:\s", instruction):
         try:
             question, options = parse_arc_choices(instruction)
@@ -157,8 +192,9 @@ def choices_item(record: Mapping, where: str, prompting: Prompting) -> Item:
         raise DataError(f"{where}: missing field 'answer' (the right option: an index or a label)")
     gold = _gold(record[key], list(raw), labels, where)
     extra = _string(record, "input", where, required=False)
-    return Item(where, render(prompting, question, extra), raw[gold], "choices", options=list(raw), gold=gold,
+    item = Item(where, render(prompting, question, extra), raw[gold], "choices", options=list(raw), gold=gold,
                 question=question)
+    return _chat_prompt(item, record, prompting)
 
 
 def classification_item(record: Mapping, where: str, prompting: Prompting) -> Item:
@@ -172,6 +208,7 @@ def classification_item(record: Mapping, where: str, prompting: Prompting) -> It
 
 
 RECORD_KINDS: list[RecordKind] = [
+    RecordKind("chat", lambda r: "messages" in r or ("prompt" in r and "completion" in r), chat_item),
     RecordKind("choices", lambda r: ("options" in r or "choices" in r), choices_item),
     RecordKind("instruction", lambda r: "instruction" in r, instruction_item),
     RecordKind("classification", lambda r: "text" in r and "label" in r, classification_item),

@@ -51,10 +51,15 @@ def _check_vocab(ids: list[int], tokenizer, vocab: int, where: str) -> list[int]
 
 
 def prompt_ids(items: Sequence[Item], tokenizer, vocab: int) -> list[list[int]]:
-    """``prefix + ids(prompt)`` of every item, as train-sparse builds its prompts."""
+    """``prefix + ids(prompt)`` of every item, as train-sparse builds its prompts (an item's own
+    ``prompt_ids`` where the chat template rendered them)."""
     prefix = _special_prefix(tokenizer)
-    return [_check_vocab(prefix + ids, tokenizer, vocab, it.where)
-            for it, ids in zip(items, _encode_plain(tokenizer, [it.prompt for it in items]))]
+    plain = _encode_plain(tokenizer, [it.prompt for it in items if it.prompt_ids is None])
+    out = []
+    for it in items:
+        ids = list(it.prompt_ids) if it.prompt_ids is not None else prefix + plain.pop(0)
+        out.append(_check_vocab(ids, tokenizer, vocab, it.where))
+    return out
 
 
 def option_pairs(item: Item, tokenizer, style: str, vocab: int) -> list[tuple[list[int], list[int]]]:
@@ -63,7 +68,8 @@ def option_pairs(item: Item, tokenizer, style: str, vocab: int) -> list[tuple[li
         raise DataError(f"{item.where}: no options to score by log-likelihood (a multiple-choice record "
                         "has 'options', or 'Answer1: ...' in its instruction)")
     if style == "template":
-        context = _special_prefix(tokenizer) + _encode_plain(tokenizer, [item.prompt])[0]
+        context = (list(item.prompt_ids) if item.prompt_ids is not None
+                   else _special_prefix(tokenizer) + _encode_plain(tokenizer, [item.prompt])[0])
         pairs = [(context, ids) for ids in _encode_plain(tokenizer, item.options)]
     elif style == "lm-eval":
         context_text = f"Question: {item.question}\nAnswer:"
