@@ -9,6 +9,7 @@ merge's. ``--seeds N`` repeats the logit comparisons over N more input seeds (th
 
     python bench/bench_parity.py                 # k=1 and k=20, 2 training steps each
     python bench/bench_parity.py --k 1 --seeds 4
+    python bench/bench_parity.py --model DIR --seeds 8 --seeds-only I.index.safetensors D.delta.safetensors MERGED ONNX
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ print(json.dumps(d))
 SEEDS = r"""
 import json, sys
 from pathlib import Path
-from neuroada_tools.check.parity import compare_logits, evaluated_in, make_fresh_inputs, run_torch
+from neuroada_tools.check.parity import compare_logits, evaluated_in, make_fresh_inputs, run_onnx, run_torch
 from neuroada_tools.check.run import load_unmerged
+from neuroada_tools.train import bypass
 from neuroada_tools.hf import load_model
 from neuroada_tools.hf.signature import first_id_within, input_vocab_size
 un, task = load_unmerged(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
@@ -57,11 +59,16 @@ for seed in range(int(sys.argv[5])):
     inputs = make_fresh_inputs(cfg, seed=seed, pad_token_id=pad, vocab_size=vocab)
     mask = inputs["attention_mask"]
     own = run_torch(un, inputs)
+    bypass.set_mode(un, "fused"); fused = run_torch(un, inputs); bypass.set_mode(un, "reference")
     with evaluated_in(un):
         ref = run_torch(un, inputs)
-    n = compare_logits(ref, own, mask).max_abs
-    m = compare_logits(ref, run_torch(merged, inputs), mask).max_abs
-    print(json.dumps({"seed": seed, "noise": n, "merged": m, "ratio": m / n}))
+    n1, n2 = compare_logits(ref, own, mask).max_abs, compare_logits(ref, fused, mask).max_abs
+    row = {"seed": seed, "noise_reference": n1, "noise_fused": n2, "noise": max(n1, n2)}
+    for name, logits in [("merged", run_torch(merged, inputs))] + (
+            [("onnx", run_onnx(Path(sys.argv[6]) / "model.onnx", inputs))] if len(sys.argv) > 6 else []):
+        row[name] = compare_logits(ref, logits, mask).max_abs
+        row[name + "_ratio"] = row[name] / row["noise"]
+    print(json.dumps(row))
 """
 
 
@@ -71,11 +78,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, action="append", default=None)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=0, help="more input seeds for the noise-floor ratios")
+    ap.add_argument("--seeds-only", nargs=4, metavar=("INDEX", "DELTA", "MERGED", "ONNX_DIR"), default=None,
+                    help="only the seed ratios, for existing sidecars, a merged folder and a torch ONNX export")
     args = ap.parse_args()
     if args.model is None:
         from neuroada_tools.hf.gguf import smollm2_folder
 
         args.model = smollm2_folder()
+    if args.seeds_only:
+        ip, dp, merged, onnx_dir = args.seeds_only
+        out_s = subprocess.run([sys.executable, "-c", SEEDS, str(args.model), ip, dp, merged, str(args.seeds or 4),
+                                onnx_dir], check=True, capture_output=True, text=True).stdout
+        print(out_s, end="")
+        return
     data_root = Path(os.environ.get("NEUROADA_DATA", ROOT.parent / "shared" / "data"))
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -105,8 +120,9 @@ def main() -> None:
                                         str(args.seeds)], check=True, capture_output=True, text=True).stdout
                 for line in out_s.splitlines():
                     s = json.loads(line)
-                    print(f"  seed {s['seed']}: noise {s['noise']:.2e}, merged vs float64 {s['merged']:.2e}, "
-                          f"ratio {s['ratio']:.2f}")
+                    forms = ", ".join(f"{f} {s[f]:.2e} ({s[f + '_ratio']:.2f}x)" for f in ("merged", "onnx") if f in s)
+                    print(f"  seed {s['seed']}: noise reference path {s['noise_reference']:.2e}, fused path "
+                          f"{s['noise_fused']:.2e}; vs float64: {forms}")
 
 
 if __name__ == "__main__":

@@ -10,22 +10,27 @@ exporting (``onnx_export.py``), and printing (``cli.py`` reports).
 
 Calibrated (what ``check/run.py`` applies where the merged or exported model keeps the base dtype).
 The reference is the unmerged model (base + bypass on the unfused path ``x W^T + x S^T``) evaluated
-in float64 (``evaluated_in``: every floating tensor upcast in place, exactly, and restored). Its own
-run in its dtype on the same inputs gives the **noise floor** ``n`` (max abs logit difference): what
-rounding alone does to this model at these inputs. A form (merged torch, ONNX Runtime, the cached
+in float64 (``evaluated_in``: every floating tensor upcast in place, exactly, and restored). Its two
+runs in its own dtype on the same inputs, the reference path and the fused path (two summation
+orders), give the **noise floor** ``n``: the larger of their max abs logit differences from float64,
+what rounding alone does to this model at these inputs (one run alone understates it: on SmolLM2 a
+correct merge, which is the fused run bit for bit, lay 2.9x above the reference path's deviation at
+one input seed). A form (merged torch, ONNX Runtime, the cached
 step) passes when its max abs difference from the float64 reference is at most
 
     NOISE_FACTOR x max(n, ULP_FLOOR x 2^-23 x ref_scale)          (``calibrated_tolerance``)
 
-with ``NOISE_FACTOR = 4``. Measured ratio (form vs float64) / n: merged SmolLM2-135M-Instruct
-(30 layers, logit scale ~35, trained k=1 and k=20 deltas) 0.19-1.02 over 4 input seeds (n 1.1e-4 to
-1.5e-3); its torch ONNX export 0.82; the tiny fixtures below 1 (``tests/test_parity_calibrated.py``).
-4 is 4x the worst of these. Where the arithmetic is the same, no tolerance: the merged model
-against the fused bypass (the in-place ``cast(fp32(W0) + delta)`` and one matmul) must be equal bit
-for bit (``EXACT``); ONNX graphs, whose kernels sum in other orders, get the bit-for-bit comparison
-of their weights instead (``check/onnx_weights.py``). Those exact comparisons are what catch one
-misplaced entry of a trained delta on a deep model, whose effect (1e-3 to 0.24 on SmolLM2) can hide
-under ``4 n``.
+with ``NOISE_FACTOR = 8``. Measured ratio (form vs float64) / n on SmolLM2-135M-Instruct (30
+layers, logit scale ~35, a trained k=1 delta; 8 input seeds, n 8.5e-5 to 1.3e-3; ``python
+bench/bench_parity.py --seeds 8 --seeds-only ...``): the merged model 0.19-1.0 (it is the fused run
+bit for bit, so at most 1), its torch ONNX export 0.11-2.13. 8 is 3.75x the worst of these: the
+logit bound's job is to catch an export that computes something else without ever failing a
+correct one; small defects are left to the exact comparisons. Where the arithmetic is the same, no
+tolerance: the merged model against the fused bypass (the in-place ``cast(fp32(W0) + delta)`` and
+one matmul) must be equal bit for bit (``EXACT``); ONNX graphs, whose kernels sum in other orders,
+get the bit-for-bit comparison of their weights instead (``check/onnx_weights.py``). Those exact
+comparisons are what catch one misplaced entry of a trained delta on a deep model, whose effect
+(1e-3 to 0.24 on SmolLM2) can hide under ``8 n``.
 
 The fixed table below (``TOLERANCES[dtype][kind]``; kind "merged" = merged torch vs unmerged torch,
 "onnx" = ONNX Runtime vs unmerged torch, "tight" = the fp32 rounding check of a bf16/fp16 merge,
@@ -143,7 +148,7 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 
 #: The calibrated rule's factor: a form may be at most this many times as far from the float64 evaluation
 #: of the unmerged model as that model's own run in its dtype is (module docstring, "Calibrated").
-NOISE_FACTOR = 4.0
+NOISE_FACTOR = 8.0
 #: Whatever the measured noise, the calibrated bound is at least this many fp32 units of roundoff at the
 #: logit scale (a noise of 0, e.g. logits that happen to be exact, would otherwise demand bit equality).
 ULP_FLOOR = 8
@@ -155,7 +160,7 @@ def calibrated_tolerance(noise: ParityReport, factor: float = NOISE_FACTOR) -> T
     """The bound for a form of the model from its measured noise floor (module docstring, "Calibrated").
 
     ``noise`` compares the unmerged model's own run in its dtype with its float64 evaluation on the
-    same inputs. Example: noise max abs 9.4e-5 at logit scale 35 -> atol ``4 * 9.4e-5 = 3.8e-4``
+    same inputs. Example: noise max abs 9.4e-5 at logit scale 35 -> atol ``8 * 9.4e-5 = 7.5e-4``
     (the floor, ``8 * 2**-23 * 35 = 3.3e-5``, is below it).
     """
     floor = ULP_FLOOR * 2.0**-23 * noise.ref_scale
