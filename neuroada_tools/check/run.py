@@ -39,6 +39,8 @@ from neuroada_tools.check.parity import (
 )
 from neuroada_tools.check.rounding import check_rounding, needs_rounding_check
 from neuroada_tools.errors import NeuroAdaError, ParityError
+from neuroada_tools.generate.genai import genai_logits, is_genai_folder
+from neuroada_tools.generate.genai import precision_of as genai_precision
 from neuroada_tools.hf import DTYPE_NAMES, first_line, load_model, task_config
 from neuroada_tools.hf.signature import first_id_within, input_vocab_size, uses_token_type_ids
 from neuroada_tools.io.sidecar import DeltaSidecar, read_delta, read_index
@@ -190,7 +192,15 @@ def run_check(
         if needs_rounding_check(unmerged, merged):
             with comparison_errors("merged_vs_unmerged_fp32"):
                 record("merged_vs_unmerged_fp32", check_rounding(unmerged, merged, inputs, mask, delta.dense), "tight")
-    if onnx_dir is not None:
+    if is_genai_folder(onnx_dir):  # onnxruntime-genai's build, on its runtime; enforced in fp32 only
+        with comparison_errors("onnx_vs_unmerged"):
+            precision = genai_precision(Path(onnx_dir))
+            record("onnx_vs_unmerged", compare_logits(ref, genai_logits(Path(onnx_dir), dict(inputs), provider), mask),
+                   "onnx")
+            c = result.comparisons["onnx_vs_unmerged"]
+            c.update(runtime="onnxruntime-genai", precision=precision, enforced=precision == "fp32")
+            c["passed"] = c["passed"] or not c["enforced"]
+    elif onnx_dir is not None:
         with comparison_errors("onnx_vs_unmerged"):
             onnx_path = Path(onnx_dir) / "model.onnx"
             record("onnx_vs_unmerged", compare_logits(ref, run_onnx(onnx_path, dict(inputs), provider), mask), "onnx")
@@ -249,6 +259,7 @@ def human(result: dict) -> str:
             f"  {n:{width}s} max abs {c['max_abs']:.3e}  max rel {c['max_rel']:.3e}  argmax "
                 f"{100 * c['argmax_agreement']:.1f}%  "
             f"tol {c['tolerance']:.1e}  {'ok' if c['passed'] else 'FAILED'}"
+            + ("" if c.get("enforced", True) else f" (reported, not enforced: {c.get('precision')})")
         )
     if result.get("generation") is not None:
         lines.append(human_generation(result["generation"]))

@@ -114,6 +114,7 @@ class ExportResult:
     with_past_output_names: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    exporter: str = "torch"  # "torch" (torch.onnx.export) or "genai" (onnxruntime-genai's model builder)
 
 
 # --------------------------------------------------------------------------- export
