@@ -93,6 +93,18 @@ def architecture_of(model_dir: Path) -> str:
     return str(archs[0]) if isinstance(archs, list) and archs else ""
 
 
+def check_architecture(model_dir: Path, *, required: bool = False) -> str:
+    """``architectures[0]`` of ``model_dir``; ``BuilderError`` naming the fallback when the builder does not
+    list it. A config without ``architectures`` passes unless ``required`` (a base may lack it; the merged
+    folder fills it in and is checked again)."""
+    arch = architecture_of(model_dir)
+    known = supported_architectures()
+    if (arch or required) and known and arch not in known:
+        raise BuilderError(f"{model_dir}: onnxruntime-genai's model builder does not support "
+                           f"{arch or 'a config without architectures'}; export with --exporter torch")
+    return arch
+
+
 def check_precision(precision: str, provider: str) -> None:
     """Refuse a precision or pair the builder does not build, e.g. fp16 on cpu."""
     if precision not in PRECISIONS:
@@ -115,11 +127,7 @@ def build_genai(merged_dir: Path, out_dir: Path, *, precision: str = "fp32", pro
     require_builder()
     check_precision(precision, provider)
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
-    arch = architecture_of(merged_dir)
-    known = supported_architectures()
-    if known and arch not in known:
-        raise BuilderError(f"{merged_dir}: onnxruntime-genai's model builder does not support {arch or 'this model'}; "
-                           "export with --exporter torch")
+    arch = check_architecture(merged_dir, required=True)
     check_empty_output_dir(merged_dir, out_dir)
     start = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)

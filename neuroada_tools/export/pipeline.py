@@ -123,9 +123,10 @@ def merge_to_onnx(
             raise OutputError(f"{merged_output}: the merged folder and the ONNX folder must differ")
     if exporter not in EXPORTERS:
         raise OptionError(f"exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
-    if exporter == "genai" or precision != "fp32":  # refuse a missing builder or a bad pair before the merge
+    if exporter == "genai" or precision != "fp32":  # refuse what cannot be built before the merge
         genai_build.require_builder()
         genai_build.check_precision(precision, provider)
+        genai_build.check_architecture(root)
     remove_stale_temporaries(output)
     staging = temp_name(output, "merged")
     with staged_dir(output, "merged", keep=True):  # owns the staging name; deleted at the end
