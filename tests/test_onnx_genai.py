@@ -164,3 +164,22 @@ def test_smollm2_genai_fp32_parity_and_int4_agreement(smollm2_dir, tmp_path):
     c4 = s4["parity"]["comparisons"]["onnx_vs_unmerged"]
     print(f"SmolLM2 genai fp32 + int4: {time.monotonic() - start:.0f}s; int4 token agreement "
           f"{g4['agreement']['onnx_genai']:.2f}, logit max abs {c4['max_abs']:.3g}")
+
+
+def test_torch_with_past_holds_one_copy_of_the_weights(llama, tmp_path):
+    """--exporter torch --with-past: model.onnx and model_with_past.onnx read one model.onnx.data."""
+    import onnx
+
+    base, ip, dp, _, _ = llama
+    out = tmp_path / "torch"
+    s = merge_json(base, ip, dp, out, "--exporter", "torch", "--with-past")
+    assert s["exporter"] == "torch" and s["parity"]["comparisons"]["onnx_with_past_step"]["passed"]
+    assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]
+    locations = set()
+    for name in ("model.onnx", "model_with_past.onnx"):
+        graph = onnx.load(str(out / name), load_external_data=False).graph
+        locations |= {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+        assert sum(len(t.raw_data) for t in graph.initializer) < 4096  # no weights inside the graph
+    assert locations == {"model.onnx.data"}
+    merged_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert (out / "model.onnx.data").stat().st_size < 1.1 * merged_bytes  # not 2x
