@@ -137,7 +137,8 @@ def build_genai(merged_dir: Path, out_dir: Path, *, precision: str = "fp32", pro
                "-e", provider, "-c", str(cache)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         except subprocess.TimeoutExpired as e:
             raise BuilderError(f"{merged_dir}: the model builder ran past {timeout:g}s") from e
         if done.returncode != 0:
@@ -171,6 +172,18 @@ def _last_message(text: str) -> str:
     if "is not currently supported" in last:
         last += "; export with --exporter torch"
     return last[:400]
+
+
+def _die_with_parent() -> None:
+    """In the builder's process (Linux): SIGKILL it when merge dies, so a killed merge leaves no builder
+    writing into a temporary folder the next run deletes."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _remove_tree(path: Path) -> None:
