@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from neuroada_tools.errors import ModelError
+from neuroada_tools.io.outputs import atomic_file
 
 DATA_FILE = "model.onnx.data"
 MIN_EXTERNAL_BYTES = 1024
@@ -50,49 +51,53 @@ def share_weights(paths: list[Path], data_file: str = DATA_FILE) -> dict:
     per-graph data files are deleted once every graph has been rewritten.
     """
     import onnx
-    from onnx import TensorProto
 
     paths = [Path(p) for p in paths]
     folder = paths[0].parent
-    tmp = folder / f".{data_file}.tmp-{os.getpid()}"
     stored: dict[bytes, tuple[int, int]] = {}
     graphs, old_files = [], set()
     references = 0
     try:
-        with open(tmp, "wb") as out:
-            for path in paths:
-                model = onnx.load(str(path), load_external_data=False)
-                for tensor in _initializers(model.graph):
-                    if tensor.data_location == TensorProto.EXTERNAL:
-                        old_files.add({e.key: e.value for e in tensor.external_data}["location"])
-                    data = _tensor_bytes(tensor, folder)
-                    if data is None or len(data) < MIN_EXTERNAL_BYTES:
-                        if data is not None and tensor.data_location == TensorProto.EXTERNAL:
-                            _inline(tensor, data)
-                        continue
-                    key = hashlib.sha256(data).digest()
-                    if key not in stored:
-                        pad = (-out.tell()) % ALIGN
-                        out.write(b"\0" * pad)
-                        stored[key] = (out.tell(), len(data))
-                        out.write(data)
-                    offset, length = stored[key]
-                    _point(tensor, data_file, offset, length)
-                    references += 1
-                graphs.append((path, model))
-            out.flush()
-            os.fsync(out.fileno())
-        for path, model in graphs:
-            with open(path, "wb") as f:
-                f.write(model.SerializeToString())
-        for name in old_files - {data_file}:
-            (folder / name).unlink(missing_ok=True)
-        os.replace(tmp, folder / data_file)
+        with atomic_file(folder / data_file) as tmp:
+            with open(tmp, "wb") as out:
+                for path in paths:
+                    model = onnx.load(str(path), load_external_data=False)
+                    references += _move_weights(model.graph, folder, out, stored, old_files, data_file)
+                    graphs.append((path, model))
+                out.flush()
+                os.fsync(out.fileno())
+            for path, model in graphs:
+                with open(path, "wb") as f:
+                    f.write(model.SerializeToString())
+            for name in old_files - {data_file}:
+                (folder / name).unlink(missing_ok=True)
     except OSError as e:
         raise ModelError(f"{folder}: cannot write the shared weights file {data_file}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"tensors": len(stored), "references": references, "bytes": (folder / data_file).stat().st_size}
+
+
+def _move_weights(graph, folder: Path, out, stored: dict, old_files: set, data_file: str) -> int:
+    """Point every initializer of ``graph`` of ``MIN_EXTERNAL_BYTES`` or more into ``out`` (written once
+    per distinct content); returns how many it pointed."""
+    from onnx import TensorProto
+
+    references = 0
+    for tensor in _initializers(graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            old_files.add({e.key: e.value for e in tensor.external_data}["location"])
+        data = _tensor_bytes(tensor, folder)
+        if data is None or len(data) < MIN_EXTERNAL_BYTES:
+            if data is not None and tensor.data_location == TensorProto.EXTERNAL:
+                _inline(tensor, data)
+            continue
+        key = hashlib.sha256(data).digest()
+        if key not in stored:
+            out.write(b"\0" * ((-out.tell()) % ALIGN))
+            stored[key] = (out.tell(), len(data))
+            out.write(data)
+        _point(tensor, data_file, *stored[key])
+        references += 1
+    return references
 
 
 def _initializers(graph):
