@@ -137,8 +137,9 @@ class GenAISession:
         self.model, self.where, self.max_length = model, where, max_length
         self.generators: list = []
 
-    def _last(self) -> torch.Tensor:
-        return torch.cat([_as_torch(g.get_logits()).reshape(1, -1) for g in self.generators])
+    def _last(self) -> torch.Tensor:  # stacked in numpy: no torch worker threads competing with the runtime's
+        return torch.from_numpy(np.concatenate([np.asarray(g.get_logits(), dtype=np.float32).reshape(1, -1)
+                                                for g in self.generators]))
 
     def first(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         self.generators = []
