@@ -10,7 +10,9 @@ merged once to safetensors, then for each method:
 - generation tokens/s: greedy, batch 1, ``--new-tokens`` new tokens after one chat prompt, EOS
   ignored, through ``neuroada-tools generate``'s own loop (``generate_ids`` on the form's session:
   ``model_with_past.onnx`` fed its presents on ONNX Runtime, or the ORT GenAI runtime), repetitions
-  interleaved, median; for the genai builds also og's native loop (``generate_next_token``).
+  interleaved, median; for the genai builds also og's native loop (``generate_next_token``);
+- greedy agreement: the share of the first method's (torch's) 32 tokens each method reproduces
+  before its first difference (fp32 must give all of them; int4 shows how far it follows).
 
 Ratios are to the torch export, side by side from the same run.
 
@@ -84,14 +86,21 @@ def open_form(method: str, out: Path):
     return open_onnx(out, with_past=method == "torch")
 
 
-def our_loop_seconds(source, prompt_ids: list[int], new_tokens: int) -> float:
+def our_loop(source, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """Seconds and tokens of ``generate``'s greedy loop on ``source``."""
     from neuroada_tools.generate.decode import generate_ids
 
     t0 = time.perf_counter()
     g = generate_ids(source.new_session(), [prompt_ids], new_tokens, eos_ids=[], vocab=source.vocab)
     dt = time.perf_counter() - t0
     assert len(g[0].token_ids) == new_tokens
-    return dt
+    return dt, g[0].token_ids
+
+
+def agreement(ref: list[int], other: list[int]) -> float:
+    """Share of ``ref``'s tokens ``other`` reproduces before the first difference."""
+    same = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), min(len(ref), len(other)))
+    return same / len(ref)
 
 
 def og_native_seconds(model, prompt_ids: list[int], new_tokens: int) -> float:
@@ -153,32 +162,36 @@ def main() -> None:
     forms = {m: open_form(m, args.work / m) for m in methods}
     natives = {m: load_model(args.work / m) for m in methods if m.startswith("genai")}
     for m in methods:  # warm-up
-        our_loop_seconds(forms[m], prompt_ids, 2)
+        our_loop(forms[m], prompt_ids, 2)
     times: dict[str, list[float]] = {m: [] for m in methods}
     native: dict[str, list[float]] = {m: [] for m in natives}
+    tokens: dict[str, list[int]] = {}
     for rep in range(args.reps):
         order = methods[rep % len(methods):] + methods[: rep % len(methods)]
         for m in order:
-            times[m].append(our_loop_seconds(forms[m], prompt_ids, args.new_tokens))
+            dt, tokens[m] = our_loop(forms[m], prompt_ids, args.new_tokens)
+            times[m].append(dt)
             if m in natives:
                 native[m].append(og_native_seconds(natives[m], prompt_ids, args.new_tokens))
     for m in methods:
         rows[m]["tok_s"] = args.new_tokens / statistics.median(times[m])
+        rows[m]["agreement"] = agreement(tokens[methods[0]], tokens[m])  # with the first method's greedy tokens
         if m in native:
             rows[m]["og_native_tok_s"] = args.new_tokens / statistics.median(native[m])
 
     ref = rows.get("torch")
     print(f"\nSmolLM2-135M k=1 delta, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens greedy, batch 1, "
           f"{args.reps} reps (median); ratios vs torch")
-    print("| method | export s | disk MB | tokens/s (generate loop) | og native tokens/s | export vs torch "
-          "| disk vs torch | tokens/s vs torch |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| method | export s | disk MB | tokens/s (generate loop) | og native tokens/s | export vs torch "
+          f"| disk vs torch | tokens/s vs torch | greedy tokens as {methods[0]} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         r = rows[m]
         ratios = ("| " + " | ".join(f"{r[k] / ref[k]:.2f}x" for k in ("export_s", "disk_bytes", "tok_s"))) if ref else \
             "| - | - | -"
         nat = f"{r['og_native_tok_s']:.1f}" if "og_native_tok_s" in r else "-"
-        print(f"| {m} | {r['export_s']:.1f} | {r['disk_bytes'] / 1e6:.0f} | {r['tok_s']:.1f} | {nat} {ratios} |")
+        print(f"| {m} | {r['export_s']:.1f} | {r['disk_bytes'] / 1e6:.0f} | {r['tok_s']:.1f} | {nat} {ratios} "
+              f"| {100 * r['agreement']:.0f}% |")
     if args.json:
         args.json.write_text(json.dumps({"merge_s": merge_s, "prompt_tokens": len(prompt_ids), "rows": rows},
                                         indent=2))

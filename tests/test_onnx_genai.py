@@ -146,24 +146,33 @@ def test_errors_are_one_line(fixture_models, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_genai_fp32_parity_and_int4_agreement(smollm2_dir, tmp_path):
-    """SmolLM2-135M, k=1 random delta: fp32 logits + 4 greedy tokens enforced, int4 reported."""
+    """SmolLM2-135M, k=1 random delta: fp32 logits + 4 greedy tokens enforced (merge --to onnx --generate 4
+    through the CLI), then an int4 build of the same merged folder checked alone: agreement reported."""
+    from neuroada_tools.check.run import run_check
+
     start = time.monotonic()
     ip, dp = sidecars(smollm2_dir, tmp_path, k=1, scale=0.01)
     s = merge_json(smollm2_dir, ip, dp, tmp_path / "fp32", "--generate", 4)
     assert s["exporter"] == "genai"
     onnx = s["parity"]["comparisons"]["onnx_vs_unmerged"]
-    assert onnx["enforced"] and onnx["passed"], onnx
+    assert onnx["enforced"] and onnx["passed"] and onnx["argmax_agreement"] == 1.0, onnx
     g = s["parity"]["generation"]
     assert g["passed"] and g["tokens"]["onnx_genai"] == g["tokens"]["unmerged"]
     sizes = {p.name: p.stat().st_size for p in (tmp_path / "fp32").iterdir()}
     assert sizes["model.onnx.data"] > 500e6 and sum(sizes.values()) < 600e6  # one copy of the weights
-    s4 = merge_json(smollm2_dir, ip, dp, tmp_path / "int4", "--precision", "int4", "--generate", 4)
-    g4 = s4["parity"]["generation"]
-    assert g4["reported_only"] == ["onnx_genai"] and g4["passed"]
-    assert s4["parity"]["comparisons"]["onnx_vs_unmerged"]["enforced"] is False
-    c4 = s4["parity"]["comparisons"]["onnx_vs_unmerged"]
-    print(f"SmolLM2 genai fp32 + int4: {time.monotonic() - start:.0f}s; int4 token agreement "
-          f"{g4['agreement']['onnx_genai']:.2f}, logit max abs {c4['max_abs']:.3g}")
+    fp32_s = time.monotonic() - start
+
+    r = run_cli("merge", "--model", smollm2_dir, "--index", ip, "--delta", dp, "--to", "safetensors", "--no-check",
+                "-o", tmp_path / "merged", "-q")
+    assert r.exit_code == 0, r.output
+    genai_build.build_genai(tmp_path / "merged", tmp_path / "int4", precision="int4")
+    c = run_check(smollm2_dir, ip, dp, onnx_dir=tmp_path / "int4", generate=4).to_dict()
+    c4, g4 = c["comparisons"]["onnx_vs_unmerged"], c["generation"]
+    assert c4["precision"] == "int4" and c4["enforced"] is False and c["passed"]
+    assert g4["reported_only"] == ["onnx_genai"] and 0.0 <= g4["agreement"]["onnx_genai"] <= 1.0
+    int4_s = time.monotonic() - start - fp32_s
+    print(f"SmolLM2 genai: fp32 merge + check {fp32_s:.0f}s, int4 build + check {int4_s:.0f}s; int4 token "
+          f"agreement {g4['agreement']['onnx_genai']:.2f}, logit max abs {c4['max_abs']:.3g}, argmax agreement {c4['argmax_agreement']:.2f}")
 
 
 def test_torch_with_past_holds_one_copy_of_the_weights(llama, tmp_path):
