@@ -172,7 +172,8 @@ def test_smollm2_genai_fp32_parity_and_int4_agreement(smollm2_dir, tmp_path):
     assert g4["reported_only"] == ["onnx_genai"] and 0.0 <= g4["agreement"]["onnx_genai"] <= 1.0
     int4_s = time.monotonic() - start - fp32_s
     print(f"SmolLM2 genai: fp32 merge + check {fp32_s:.0f}s, int4 build + check {int4_s:.0f}s; int4 token "
-          f"agreement {g4['agreement']['onnx_genai']:.2f}, logit max abs {c4['max_abs']:.3g}, argmax agreement {c4['argmax_agreement']:.2f}")
+          f"agreement {g4['agreement']['onnx_genai']:.2f}, logit max abs {c4['max_abs']:.3g}, "
+          f"argmax agreement {c4['argmax_agreement']:.2f}")
 
 
 def test_torch_with_past_holds_one_copy_of_the_weights(llama, tmp_path):
