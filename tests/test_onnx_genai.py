@@ -134,6 +134,12 @@ def test_errors_are_one_line(fixture_models, tmp_path, monkeypatch):
         pipeline.choose_exporter("genai", "causal-lm", llama_base, with_past=True)
     assert pipeline.choose_exporter("auto", "causal-lm", llama_base, with_past=True)[0] == "torch"
     assert pipeline.choose_exporter("auto", "classification", llama_base)[0] == "torch"
+    # Qwen2 is listed, but a head size of 12 would build and then fail at the first token in the runtime
+    qwen2 = fixture_models["qwen2"]
+    assert pipeline.choose_exporter("auto", "causal-lm", qwen2) == (
+        "torch", "head size 12 (GroupQueryAttention needs a multiple of 8)")
+    with pytest.raises(BuilderError, match=r"head size 12 .*; export with --exporter torch"):
+        genai_build.check_architecture(qwen2)
     monkeypatch.setattr(genai_build, "builder_available", lambda: False)
     with pytest.raises(BuilderError, match=r"not installed \(pip install 'neuroada-tools\[genai\]'\)"):
         merge(("exporter", "genai"))

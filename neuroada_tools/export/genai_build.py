@@ -83,26 +83,51 @@ def supported_architectures() -> frozenset[str]:
     return frozenset(re.findall(r'architectures\[0\]\s*==\s*"([A-Za-z0-9_]+)"', text))
 
 
-def architecture_of(model_dir: Path) -> str:
-    """``architectures[0]`` of a model folder's config.json ("" when it names none)."""
+def _config(model_dir: Path) -> dict:
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return ""
-    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def architecture_of(model_dir: Path) -> str:
+    """``architectures[0]`` of a model folder's config.json ("" when it names none)."""
+    archs = _config(model_dir).get("architectures")
     return str(archs[0]) if isinstance(archs, list) and archs else ""
 
 
-def check_architecture(model_dir: Path, *, required: bool = False) -> str:
-    """``architectures[0]`` of ``model_dir``; ``BuilderError`` naming the fallback when the builder does not
-    list it. A config without ``architectures`` passes unless ``required`` (a base may lack it; the merged
-    folder fills it in and is checked again)."""
+def unsupported_reason(model_dir: Path, *, required: bool = False) -> str | None:
+    """Why the builder's folder would not run this model (None when it would): an architecture the
+    installed builder does not list, or a head size that is not a multiple of 8 (the runtime's
+    GroupQueryAttention refuses it at the first token; the builder itself does not check). A config
+    without ``architectures`` passes unless ``required`` (a base may lack it; the merged folder
+    fills it in and is checked again).
+
+    Example: a Qwen2 of hidden size 48 with 4 heads -> ``"head size 12 (GroupQueryAttention needs a
+    multiple of 8)"``.
+    """
+    cfg = _config(model_dir)
     arch = architecture_of(model_dir)
     known = supported_architectures()
     if (arch or required) and known and arch not in known:
-        raise BuilderError(f"{model_dir}: onnxruntime-genai's model builder does not support "
-                           f"{arch or 'a config without architectures'}; export with --exporter torch")
-    return arch
+        return f"the model builder does not support {arch or 'a config without architectures'}"
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    head = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads
+                                   else None)
+    if isinstance(head, int) and head % 8:
+        return f"head size {head} (GroupQueryAttention needs a multiple of 8)"
+    return None
+
+
+def check_architecture(model_dir: Path, *, required: bool = False) -> str:
+    """``architectures[0]`` of ``model_dir``; ``BuilderError`` naming the fallback when
+    :func:`unsupported_reason` finds one."""
+    why = unsupported_reason(model_dir, required=required)
+    if why is not None:
+        raise BuilderError(f"{model_dir}: onnxruntime-genai cannot build or run this model: {why}; "
+                           "export with --exporter torch")
+    return architecture_of(model_dir)
 
 
 def check_precision(precision: str, provider: str) -> None:

@@ -79,8 +79,9 @@ def choose_exporter(exporter: str, task: str, merged_dir: Path, *, with_past: bo
         return "torch", "--onnx-dtype keep"
     if not genai_build.builder_available():
         return "torch", f"onnxruntime-genai not installed ({genai_build.INSTALL_HINT})"
-    if arch not in genai_build.supported_architectures():
-        return "torch", f"the model builder does not support {arch or 'this architecture'}"
+    why = genai_build.unsupported_reason(merged_dir, required=True)
+    if why is not None:
+        return "torch", why
     return "genai", f"{arch}: a decoder LLM the model builder supports"
 
 
