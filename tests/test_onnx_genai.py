@@ -64,6 +64,11 @@ def test_merge_builds_one_genai_folder_with_fp32_parity_enforced(llama):
     files = {p.name for p in out.iterdir()}
     assert GENAI_FILES <= files and not any(f.startswith("model_with_past") for f in files), files
     assert not any(f.startswith(".") for f in files)  # the builder's cache and temporaries are gone
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name  # the base's own, byte for byte
+    import onnxruntime_genai as og
+
+    assert len(og.Tokenizer(og.Model(str(out))).encode("hello world")) > 0  # what a server would load
     onnx = s["parity"]["comparisons"]["onnx_vs_unmerged"]
     assert onnx["runtime"] == "onnxruntime-genai" and onnx["enforced"] and onnx["passed"]
     assert onnx["max_abs"] <= onnx["tolerance"] and onnx["argmax_agreement"] == 1.0

@@ -12,8 +12,9 @@ folder that the ORT GenAI runtime loads as it is:
     copy of the weights, in ``fp32``, ``fp16``, ``bf16`` or ``int4`` (MatMulNBits, block 32).
 ``genai_config.json``
     what the runtime reads: the graph's input and output names, heads, context length, EOS/pad ids.
-the tokenizer files (the builder's), and ``config.json`` + ``generation_config.json`` (ours: the
-    forms of ``generate/`` and ``check/`` read the model's ids and limits from them).
+the tokenizer files and chat template, ``config.json`` and ``generation_config.json``
+    copied byte for byte from the merged folder over the builder's re-saved ones (the forms of
+    ``generate/`` and ``check/`` read the model's ids and limits from them).
 
 Which models: decoder LLMs (task causal-lm) whose ``architectures[0]`` the installed builder lists
 (:func:`supported_architectures` reads them from its source, so a newer builder brings its new
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 from neuroada_tools.errors import BuilderError, OptionError
-from neuroada_tools.export.onnx_export import ExportResult
+from neuroada_tools.export.onnx_export import TOKENIZER_FILES, ExportResult
 from neuroada_tools.io.outputs import check_empty_output_dir, copy_file, staged_dir
 
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
@@ -47,7 +48,7 @@ PROVIDERS = ("cpu", "cuda")
 #: (precision, provider) pairs the builder accepts (its own table, "Valid precision + execution provider").
 VALID_PAIRS = {("fp32", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("bf16", "cuda"), ("int4", "cpu"),
                ("int4", "cuda")}
-#: Files ``generate`` and ``check`` read beside the graph, copied from the merged folder.
+#: Files ``generate`` and ``check`` read beside the graph, copied from the merged folder (with the tokenizer's).
 COPIED_FILES = ("config.json", "generation_config.json")
 INSTALL_HINT = "pip install 'neuroada-tools[genai]'"
 
@@ -170,7 +171,7 @@ def build_genai(merged_dir: Path, out_dir: Path, *, precision: str = "fp32", pro
             raise BuilderError(f"{merged_dir}: the model builder failed ({arch}, {precision}, {provider}): "
                                f"{_last_message(done.stderr or done.stdout)}")
         _remove_tree(cache)
-        for name in COPIED_FILES:
+        for name in (*COPIED_FILES, *TOKENIZER_FILES):  # the merged folder's own, byte for byte
             if (merged_dir / name).is_file():
                 copy_file(merged_dir / name, tmp / name)
         if not (tmp / "genai_config.json").is_file() or not (tmp / "model.onnx").is_file():
