@@ -52,6 +52,11 @@ class ModelError(NeuroAdaError):
     """A model folder cannot be loaded or does not fit the sidecars."""
 
 
+class BuilderError(ModelError):
+    """onnxruntime-genai's model builder cannot run (the ``genai`` extra is missing), does not know
+    the architecture (``--exporter torch`` is the fallback), or failed."""
+
+
 class TrainingError(NeuroAdaError):
     """Training cannot continue (e.g. the loss became NaN); the last good checkpoint is kept."""
 

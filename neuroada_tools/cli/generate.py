@@ -24,7 +24,8 @@ Examples:
 @click.option("--index", type=click.Path(path_type=Path), default=None, help="Index sidecar.")
 @click.option("--delta", type=click.Path(path_type=Path), default=None, help="Delta sidecar.")
 @click.option("--merged", type=click.Path(path_type=Path), default=None, help="Merged safetensors folder.")
-@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), default=None, help="ONNX folder.")
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), default=None,
+              help="ONNX folder (torch export), or an ORT GenAI folder (merge --to onnx: run on its runtime).")
 @click.option("--with-past", is_flag=True,
               help="ONNX: decode with model_with_past.onnx and its KV cache (default: re-run model.onnx per token).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,

@@ -14,7 +14,9 @@ Examples:
   neuroada-tools merge --model ./base --index base.k20.index.safetensors \\
       --delta task.delta.safetensors --to safetensors -o ./merged
   neuroada-tools merge --model ./base --index base.k20.index.safetensors \\
-      --delta task.delta.safetensors --to onnx --with-past -o ./merged-onnx
+      --delta task.delta.safetensors --to onnx -o ./merged-onnx
+  neuroada-tools merge --model ./base --index base.k20.index.safetensors \\
+      --delta task.delta.safetensors --to onnx --precision int4 -o ./merged-int4
 """
 
 
@@ -54,7 +56,23 @@ def parse_size(text: str | None) -> int | None:
     show_default=True,
     help="ONNX compute dtype: fp32 (bf16/fp16 weights upcast) or keep the model's.",
 )
-@click.option("--with-past", is_flag=True, help="ONNX, decoders: also export the KV-cache graph model_with_past.onnx.")
+@click.option("--with-past", is_flag=True,
+              help="ONNX, torch exporter, decoders: export the KV-cache graph model_with_past.onnx.")
+@click.option(
+    "--exporter",
+    type=click.Choice(["auto", "torch", "genai"]),
+    default="auto",
+    show_default=True,
+    help="ONNX: genai = onnxruntime-genai's model builder (one ORT GenAI folder, KV cache inside); torch = "
+    "torch.onnx.export. auto: genai for decoder LLMs the builder supports, torch for the rest.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16", "int4"]),
+    default="fp32",
+    show_default=True,
+    help="ONNX, genai exporter: weight precision (fp16/bf16: --provider cuda). Parity enforced on fp32 only.",
+)
 @click.option(
     "--check/--no-check", default=True, show_default=True, help="Compare logits with the unmerged model after writing."
 )
@@ -72,7 +90,7 @@ def parse_size(text: str | None) -> int | None:
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
     show_default=True,
-    help="ONNX Runtime provider for the check.",
+    help="ONNX Runtime provider for the check, and the execution provider a genai build targets.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
@@ -88,6 +106,8 @@ def command(
     max_shard_size,
     onnx_dtype,
     with_past,
+    exporter,
+    precision,
     check,
     generate,
     provider,
@@ -104,6 +124,10 @@ def command(
     from neuroada_tools.check.run import human as human_check
 
     shard = parse_size(max_shard_size)
+    if to == "safetensors" and (precision != "fp32" or exporter != "auto"):
+        from neuroada_tools.errors import OptionError
+
+        raise OptionError("--exporter and --precision are for --to onnx")
     if generate:
         _check_generate_allowed(delta, check)
     summary: dict = {"to": to}
@@ -141,6 +165,9 @@ def command(
                 max_shard_size=shard,
                 onnx_dtype=onnx_dtype,
                 with_past=with_past,
+                exporter=exporter,
+                precision=precision,
+                provider=provider,
                 force=force,
                 check=parity if check else None,
                 progress_total=set_total,
@@ -157,6 +184,9 @@ def command(
             onnx_outputs=e.output_names,
             external_data=e.external_data,
             export_seconds=round(e.seconds, 2),
+            exporter=e.exporter,
+            exporter_reason=r.exporter_reason,
+            precision=e.dtype if e.exporter == "genai" else onnx_dtype,
         )
         if r.checked is not None:
             summary["parity"] = r.checked
@@ -195,7 +225,8 @@ def _human(d: dict, human_check) -> str:
     if d["to"] == "safetensors":
         lines.append(f"  files: {', '.join(d['files'])}")
     else:
-        lines.append(f"  onnx: {d['onnx']}" + (f", {d['onnx_with_past']}" if d.get("onnx_with_past") else ""))
+        lines.append(f"  onnx: {d['onnx']}" + (f", {d['onnx_with_past']}" if d.get("onnx_with_past") else "")
+                     + f" ({d['exporter']}: {d['exporter_reason']}; {d['export_seconds']:.1f}s)")
     if "parity" in d:
         lines.append(human_check(d["parity"]))
     return "\n".join(lines)

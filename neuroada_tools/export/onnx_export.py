@@ -28,6 +28,8 @@ Files written into ``out_dir`` (which must not exist yet, or be empty):
     others raise ``ModelError``.
 ``model.onnx.data`` / ``model_with_past.onnx.data``
     the weights, only when they exceed ``EXTERNAL_DATA_THRESHOLD`` bytes (protobuf's 2 GiB limit).
+    With ``with_past``, both graphs read one ``model.onnx.data`` instead, whatever the size: one copy
+    of the weights (``onnx_shared.py``).
 ``config.json``, ``generation_config.json`` and the tokenizer files that exist (``TOKENIZER_FILES``)
     copied unchanged next to the graphs.
 
@@ -58,6 +60,8 @@ import torch
 from torch import nn
 
 from neuroada_tools.errors import ModelError
+from neuroada_tools.export.onnx_shared import DATA_FILE as SHARED_DATA_FILE
+from neuroada_tools.export.onnx_shared import share_weights
 from neuroada_tools.export.onnx_wrappers import (
     EXPORT_BATCH,
     EXPORT_CHOICES,
@@ -114,6 +118,7 @@ class ExportResult:
     with_past_output_names: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    exporter: str = "torch"  # "torch" (torch.onnx.export) or "genai" (onnxruntime-genai's model builder)
 
 
 # --------------------------------------------------------------------------- export
@@ -172,6 +177,11 @@ def export_onnx(
                 model, tmp / MODEL_WITH_PAST_FILE, external_data, past_args
             )
             result.with_past_path = out_dir / MODEL_WITH_PAST_FILE
+            say(f"sharing the weights of both graphs ({SHARED_DATA_FILE})")
+            share_weights([tmp / MODEL_FILE, tmp / MODEL_WITH_PAST_FILE], SHARED_DATA_FILE)
+            check_graph(tmp / MODEL_FILE, in_names, out_names)
+            check_graph(tmp / MODEL_WITH_PAST_FILE, result.with_past_input_names, result.with_past_output_names)
+            result.external_data = True
         say("copying config and tokenizer files")
         for name in (*COPIED_FILES, *TOKENIZER_FILES):
             if (model_dir / name).is_file():

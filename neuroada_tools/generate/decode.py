@@ -83,7 +83,9 @@ def choose_tokens(logits: torch.Tensor, vocab: int, sampling: Sampling,
     """
     scores = logits[:, : min(vocab, logits.shape[-1])].float()
     if sampling.greedy:
-        return scores.argmax(dim=-1)
+        # numpy's argmax (the first largest, as torch's): torch's worker threads would keep spinning after
+        # it and slow ONNX Runtime's next step by ~30% on 2 cores
+        return torch.from_numpy(scores.detach().cpu().numpy().argmax(axis=-1)).long()
     scores = scores.double() / sampling.temperature
     if 0 < sampling.top_k < scores.shape[-1]:
         kth = scores.topk(sampling.top_k, dim=-1).values[:, -1:]

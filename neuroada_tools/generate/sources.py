@@ -154,8 +154,13 @@ def open_merged(folder: Path) -> Source:
 
 
 def open_onnx(folder: Path, *, with_past: bool, provider: str = "cpu", vocab: int | None = None) -> Source:
-    """An ONNX folder: ``model_with_past.onnx`` step by step (``with_past``), else ``model.onnx`` re-run."""
+    """An ONNX folder: ``model_with_past.onnx`` step by step (``with_past``), else ``model.onnx`` re-run;
+    an ORT GenAI folder (``genai_config.json``) runs on its own runtime, KV cache included (``genai.py``)."""
     folder = Path(folder)
+    from neuroada_tools.generate.genai import is_genai_folder, open_genai
+
+    if is_genai_folder(folder):
+        return open_genai(folder, provider=provider, vocab=vocab)
     config = _config(folder)
     name = MODEL_WITH_PAST_FILE if with_past else MODEL_FILE
     path = folder / name
