@@ -136,7 +136,8 @@ def test_an_onnx_weight_one_ulp_off_fails_onnx_weights(fixture_models, tmp_path)
     base = fixture_models["llama"]
     ip, dp, _, _ = make_sidecars(base, tmp_path)
     out = tmp_path / "onnx"
-    r = run_cli("merge", "--model", base, "--index", ip, "--delta", dp, "--to", "onnx", "-o", out, "--json", "-q")
+    r = run_cli("merge", "--model", base, "--index", ip, "--delta", dp, "--to", "onnx", "--exporter", "torch", "-o", out,
+                "--json", "-q")
     assert r.exit_code == 0, r.output
     weights = json.loads(r.stdout)["parity"]["onnx_weights"]
     assert weights["passed"] and weights["matched"] == weights["tensors"] > 0
