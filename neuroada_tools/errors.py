@@ -52,6 +52,11 @@ class ModelError(NeuroAdaError):
     """A model folder cannot be loaded or does not fit the sidecars."""
 
 
+class QuantizationError(ModelError):
+    """A quantized frozen base cannot be used: its library (the ``quant`` extra) is missing, the
+    scheme cannot run on the device, or the model has no layer it quantizes."""
+
+
 class TrainingError(NeuroAdaError):
     """Training cannot continue (e.g. the loss became NaN); the last good checkpoint is kept."""
 
