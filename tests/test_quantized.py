@@ -160,6 +160,17 @@ def test_attach_over_a_quantized_model_adds_x_s_t(fixture_models, work):
         assert torch.equal(model(ids).logits, plain)
 
 
+def test_adapters_apply_on_a_quantized_model(fixture_models, work):
+    import neuroada_tools as nt
+
+    model, _ = _quantized_llama(fixture_models, "torchao-int8")
+    nt.apply(model, work["index:llama"], base=fixture_models["llama"])  # fingerprints from the file
+    layers = [m for m in model.modules() if hasattr(m, "neuroada_delta")]
+    assert layers and {m.neuroada_quant for m in layers} == {"torchao-int8"}
+    model(torch.tensor([[1, 5, 9, 13]])).logits.float().sum().backward()
+    assert all(m.neuroada_delta.grad is not None for m in layers)
+
+
 def test_fingerprints_of_quantized_layers_come_from_the_checkpoint(fixture_models, work):
     index = read_index(work["index:llama"])
     model, _ = _quantized_llama(fixture_models)
