@@ -75,7 +75,7 @@ if model_name == "llama7b-block":
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     x = torch.randn(1, 64, 4096)
     def loss_of(m):
-        return m(x).float().pow(2).mean()
+        return m(x.to(torch.bfloat16 if base == "bf16" else torch.float32)).float().pow(2).mean()
     ref_logits = None
 else:
     from neuroada_tools.hf import load_model

@@ -235,6 +235,12 @@ def test_torchao_int4_runs_or_says_why():
         assert str(e).startswith("--quantize torchao-int4 cannot run on cpu") and "\n" not in str(e)
 
 
+def test_quantize_under_no_grad(fixture_models):
+    model = load_model(fixture_models["llama"], "causal-lm", dtype=torch.float32)
+    with torch.no_grad():
+        assert len(quant.quantize_model(model, "int8")) == 14
+
+
 def test_error_model_without_a_quantizable_layer(fixture_models):
     model = load_model(fixture_models["gpt2"], "causal-lm", dtype=torch.float32)  # Conv1D throughout
     with pytest.raises(QuantizationError, match=r"^GPT2LMHeadModel: no nn\.Linear layer to quantize with "
@@ -258,6 +264,13 @@ def _boolq(data_dir: Path, start: int, n: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_smollm2_nf4_delta_merged_into_fp32_lowers_held_out_loss(smollm2_dir, data_dir, tmp_path):
+    """8 steps over nf4 SmolLM2 (k=1, 32 BoolQ examples), merged into the fp32 checkpoint, evaluated on
+    16 other BoolQ examples. Measured (CPU, torch 2.13, bitsandbytes 0.50.2): held-out loss 3.166
+    (fp32 base) -> 0.889 merged fp32, and 0.182 on the nf4 training model itself; the nf4 model's
+    logits against the merged fp32 model's: max abs 18.2, argmax agreement 0.64 over the 537
+    positions (0.625 over the 48 predicted answer tokens). nf4 alone moves SmolLM2-135M's logits
+    about as far (argmax agreement 0.70 with the fp32 base, relative weight error 9.3% per matrix):
+    a 135M model is fragile under 4-bit, so part of what the deltas learn over nf4 is its error."""
     from neuroada_tools.export.merge import merge_to_folder
     from neuroada_tools.hf import load_tokenizer
     from neuroada_tools.train.data import build_causal_lm_examples, collate
@@ -275,25 +288,28 @@ def test_smollm2_nf4_delta_merged_into_fp32_lowers_held_out_loss(smollm2_dir, da
     merged = tmp_path / "merged"
     merge_to_folder(smollm2_dir, index_path, out, merged)
 
+    cpu = torch.device("cpu")
     tok = load_tokenizer(smollm2_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples = list(build_causal_lm_examples(held_out, tok, max_length=96))
-    base = load_model(smollm2_dir, "causal-lm", dtype=torch.float32)
-    before = evaluate(base, examples, "causal-lm", pad, 8, torch.device("cpu"))["loss"]
-    del base
-    fp32 = load_model(merged, "causal-lm", dtype=torch.float32)
-    after = evaluate(fp32, examples, "causal-lm", pad, 8, torch.device("cpu"))["loss"]
-    # the quantized training model (nf4 base + bypass with the trained delta) against the merged fp32 one
-    qmodel = load_model(smollm2_dir, "causal-lm", dtype=torch.float32)
-    quant.quantize_model(qmodel, "nf4")
-    index = read_index(index_path)
-    bypass.attach(qmodel, index, read_delta(out, index))
     batch = collate(examples[:8], pad)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
-        lq = qmodel(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        lm = fp32(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        base = load_model(smollm2_dir, "causal-lm", dtype=torch.float32)
+        before = evaluate(base, examples, "causal-lm", pad, 8, cpu)["loss"]
+        # the quantized training model: nf4 base + bypass with the trained delta
+        quant.quantize_model(base, "nf4")
+        index = read_index(index_path)
+        bypass.attach(base, index, read_delta(out, index))
+        trained = evaluate(base, examples, "causal-lm", pad, 8, cpu)["loss"]
+        lq = base(**inputs).logits
+        del base
+        fp32 = load_model(merged, "causal-lm", dtype=torch.float32)
+        after = evaluate(fp32, examples, "causal-lm", pad, 8, cpu)["loss"]
+        lm = fp32(**inputs).logits
     shift = quant.logit_shift(lq, lm, batch["attention_mask"].bool())
-    print(f"\nSmolLM2 nf4: train loss {s.first_loss:.4f} -> {s.last_loss:.4f}; held-out loss (fp32) "
-          f"{before:.4f} -> {after:.4f} merged; logit shift nf4+bypass vs merged fp32: {shift}")
-    assert after < before - 0.05, (before, after)
-    assert shift["argmax_agreement"] >= 0.8, shift
+    print(f"\nSmolLM2 nf4: train loss {s.first_loss:.4f} -> {s.last_loss:.4f}; held-out loss {before:.4f} (fp32 base)"
+          f" -> {after:.4f} (merged fp32), {trained:.4f} (nf4 + bypass); logit shift nf4+bypass vs merged: {shift}")
+    assert after < before - 0.5, (before, after)
+    assert trained < before - 0.5, (before, trained)
+    assert shift["argmax_agreement"] >= 0.5, shift  # measured 0.64: see the docstring

@@ -133,7 +133,8 @@ def _convert(linear: nn.Linear, scheme: str, device: torch.device) -> nn.Module:
 
 def probe(scheme: str, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
     """Quantize a 128x128 Linear on ``device`` and run forward and backward through it;
-    ``QuantizationError`` (one line, naming scheme and device) when that fails."""
+    ``QuantizationError`` (one line, naming scheme and device) when that fails. Works under
+    ``torch.no_grad()`` too (the backward runs with grad enabled)."""
     require(scheme)
     try:
         g = torch.Generator().manual_seed(0)
@@ -144,7 +145,8 @@ def probe(scheme: str, device: torch.device, dtype: torch.dtype = torch.float32)
         for p in q.parameters():
             p.requires_grad_(False)
         x = torch.randn(2, 128, generator=g, dtype=dtype).to(device).requires_grad_(True)
-        q(x).float().sum().backward()
+        with torch.enable_grad():  # the caller may be under no_grad
+            q(x).float().sum().backward()
         if x.grad is None or not bool(torch.isfinite(x.grad).all()):
             raise RuntimeError("backward gave no finite input gradient")
     except QuantizationError:
