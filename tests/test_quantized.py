@@ -113,6 +113,19 @@ def test_cli_quantize_nf4_json_summary(fixture_models, work, tmp_path):
     assert "--quantize [nf4|fp4|int8|torchao-int8|torchao-int4]" in r.stdout
 
 
+def test_nf4_delta_merges_into_the_full_precision_base_and_checks(fixture_models, work, tmp_path):
+    """The same ``merge`` command as for any delta (into the fp32 checkpoint), and ``check`` compares
+    the merged folder with the unmerged full-precision model (base + bypass): exact arithmetic, passes."""
+    out = tmp_path / "nf4.delta.safetensors"
+    train(_config(fixture_models, work, out, quantize="nf4", max_steps=4))
+    merged = tmp_path / "merged"
+    common = ["--model", str(fixture_models["llama"]), "--index", str(work["index:llama"]), "--delta", str(out)]
+    r = CliRunner().invoke(main, ["merge", *common, "--to", "safetensors", "-o", str(merged), "-q"])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(main, ["check", *common, "--merged", str(merged), "--json"])
+    assert r.exit_code == 0, r.stderr
+
+
 # ---------------------------------------------------------------- the PEFT-style API
 
 
