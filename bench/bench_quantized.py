@@ -11,7 +11,8 @@ fresh subprocess (so peak RSS is its own), on CPU:
   tied embedding / LM head dense); batch 2 x 64 tokens, causal-LM loss.
 
 Bases: ``fp32`` and ``bf16`` (fused bypass, the weight refreshed in place), ``int8`` (bitsandbytes
-``Linear8bitLt``, weight-only, fp32 compute) and ``nf4`` (bitsandbytes ``Linear4bit`` with double
+``Linear8bitLt``, LLM.int8() with per-row scales, no outlier threshold) and ``nf4`` (bitsandbytes
+``Linear4bit`` with double
 quantization, fp32 compute; its CPU fallback path on this torch), both made from the fp32 weights
 by ``train/bypass/quant.py`` and trained through ``x S^T`` beside the quantized forward.
 

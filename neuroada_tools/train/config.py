@@ -85,8 +85,9 @@ class TrainConfig:
         choices=TRAIN_DTYPES, show_default=True))
     quantize: str | None = field(default=None, metadata=_opt(
         "--quantize", "Train over a quantized frozen base (QLoRA-style; needs the 'quant' extra): nf4 / fp4 "
-        "(bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8 weight-only), torchao-int8 / torchao-int4 (torchao "
-        "weight-only). The index and fingerprints come from the full-precision checkpoint, and merge writes into it.",
+        "(bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8, int8 weights with per-row scales), torchao-int8 / "
+        "torchao-int4 (torchao weight-only). The index and fingerprints come from the full-precision checkpoint, "
+        "and merge writes into it.",
         choices=tuple(QUANTIZATIONS)))
     device: str = field(default="auto", metadata=_opt(
         "--device", "auto (cuda if available), cpu, cuda or cuda:N.", show_default=True))

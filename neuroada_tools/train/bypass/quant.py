@@ -23,9 +23,9 @@ Selection and binding stay with the full-precision checkpoint: the index is buil
 safetensors, and ``check.binding.verify_loaded`` fingerprints a quantized layer's tensor from the
 checkpoint file, never from dequantized values (they would not match, and are not the base).
 
-``QUANTIZATIONS``: ``nf4`` / ``fp4`` (bitsandbytes ``Linear4bit``, blocks of 64, fp32 compute),
-``int8`` (bitsandbytes ``Linear8bitLt``, LLM.int8() without outlier threshold, weight-only int8 per
-row), ``torchao-int8`` (torchao ``Int8WeightOnlyConfig``) and ``torchao-int4`` (torchao
+``QUANTIZATIONS``: ``nf4`` / ``fp4`` (bitsandbytes ``Linear4bit``, blocks of 64, compute in the
+loaded dtype), ``int8`` (bitsandbytes ``Linear8bitLt``: LLM.int8(), int8 weights with per-row
+scales, no outlier threshold), ``torchao-int8`` (torchao ``Int8WeightOnlyConfig``) and ``torchao-int4`` (torchao
 ``Int4WeightOnlyConfig``; needs a device its int4 kernels support). ``quantize_model`` replaces
 every ``nn.Linear`` inside the base model (not the task head or LM head, which stay dense, as
 QLoRA leaves them) and checks first, on a small layer, that the scheme runs forward and backward
