@@ -57,6 +57,11 @@ class BuilderError(ModelError):
     the architecture (``--exporter torch`` is the fallback), or failed."""
 
 
+class QuantizationError(ModelError):
+    """A quantized frozen base cannot be used: its library (the ``quant`` extra) is missing, the
+    scheme cannot run on the device, or the model has no layer it quantizes."""
+
+
 class TrainingError(NeuroAdaError):
     """Training cannot continue (e.g. the loss became NaN); the last good checkpoint is kept."""
 

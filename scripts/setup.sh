@@ -23,4 +23,7 @@ fi
 # merge --to onnx of decoder LLMs (tests/test_onnx_genai.py): onnxruntime-genai pinned to the release
 # it was checked with; 0.18.0 needs onnxruntime>=1.31 and keeps the installed one (no second copy).
 .venv/bin/python -m pip install -q --disable-pip-version-check "onnxruntime-genai==0.18.0" "onnx-ir>=1.0" 2>&1 | grep -v "^WARNING: Location" || true
+# train-sparse --quantize and tests/test_quantized.py (the quant extra), pinned to the releases checked
+# on CPU with torch 2.13 (bitsandbytes' 4-bit runs on its CPU fallback path there).
+.venv/bin/python -m pip install -q --disable-pip-version-check "bitsandbytes==0.50.2" "torchao==0.18.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, onnxruntime, triton, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"

@@ -44,7 +44,7 @@ SUMMARY_FIELDS = {
     "skipped_examples", "truncated_examples", "tokens", "target_tokens", "seconds", "first_loss",
     "last_loss", "trainable_parameters", "delta_parameters", "head_parameters", "lr", "seed", "device",
     "dtype", "label_names", "eval", "kernels", "world_size", "batch_size", "grad_accum", "global_batch",
-    "base_bytes",
+    "base_bytes", "quantization",
 }
 
 

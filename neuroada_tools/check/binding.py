@@ -69,12 +69,28 @@ def verify_loaded(index: IndexSidecar, model: torch.nn.Module, ckpt: Checkpoint 
     the index records, every weight is fingerprinted in memory, and a weight the model lacks is a
     ``ModelError`` naming it; a weight loaded narrower than the index's base is a
     ``FingerprintError`` (there is no file to read it from).
+
+    A quantized layer (bitsandbytes, torchao: ``train/bypass/quant.py``) holds codes, not the base's
+    values, so its tensor is always fingerprinted from the checkpoint file, never from dequantized
+    weights; without ``ckpt`` that is a ``FingerprintError`` asking for the checkpoint.
     """
+    from neuroada_tools.train.bypass.quant import scheme_of
+
     params = dict(model.named_parameters())
+    quantized = {f"{n}.weight": scheme_of(m) for n, m in model.named_modules() if scheme_of(m) is not None}
     mapping = match_names(sorted(index.entries), list(params))
     from_file = []
     for name in sorted(index.entries):
         p = params.get(mapping.get(name, ""))
+        scheme = quantized.get(mapping.get(name, ""))
+        if scheme is not None:
+            if ckpt is None:
+                raise FingerprintError(
+                    f"model: {name!r} is {scheme}-quantized, so its fingerprint cannot be checked in memory; "
+                    "pass the full-precision base checkpoint, whose file is read instead"
+                )
+            from_file.append(name)
+            continue
         if ckpt is not None:
             stored = ckpt.tensors[name].dtype if name in ckpt.tensors else None
         else:

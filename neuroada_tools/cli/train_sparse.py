@@ -108,6 +108,10 @@ def _human(s: dict) -> str:
         f"  trainable parameters: {s['trainable_parameters']:,} ({s['delta_parameters']:,} deltas"
         + (f" + {s['head_parameters']:,} head)" if s["head_parameters"] else ")"),
     ]
+    if s.get("quantization"):
+        q = s["quantization"]
+        lines.append(f"  frozen base: {q['layers']} Linear layers {q['scheme']}-quantized "
+                     f"({q['library']} {q['version']}), {q['quantized_bytes'] / 2**20:.1f} MiB")
     if s["truncated_examples"]:
         lines.append(f"  {s['truncated_examples']} examples cut to --max-length")
     if s["skipped_examples"]:

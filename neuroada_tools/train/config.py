@@ -14,6 +14,7 @@ from typing import Any
 
 from neuroada_tools.errors import TrainingError
 from neuroada_tools.hf import TASKS
+from neuroada_tools.train.bypass.quant import QUANTIZATIONS
 from neuroada_tools.train.data.prompts import TEMPLATES
 
 #: Dtypes the base can be loaded in for training (deltas, head and optimizer state are fp32 always).
@@ -23,6 +24,7 @@ TRAIN_DTYPES = ("fp32", "bf16")
 TRAJECTORY = (
     "task", "seed", "lr", "weight_decay", "warmup_ratio", "global_batch", "max_length",
     "max_grad_norm", "train_on_prompt", "dtype", "label_field", "text_field", "num_labels", "template",
+    "quantize",
 )
 
 
@@ -81,6 +83,12 @@ class TrainConfig:
     dtype: str = field(default="fp32", metadata=_opt(
         "--dtype", "Dtype to load the base model in; deltas, head and optimizer state are fp32 always.",
         choices=TRAIN_DTYPES, show_default=True))
+    quantize: str | None = field(default=None, metadata=_opt(
+        "--quantize", "Train over a quantized frozen base (QLoRA-style; needs the 'quant' extra): nf4 / fp4 "
+        "(bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8, int8 weights with per-row scales), torchao-int8 / "
+        "torchao-int4 (torchao weight-only). The index and fingerprints come from the full-precision checkpoint, "
+        "and merge writes into it.",
+        choices=tuple(QUANTIZATIONS)))
     device: str = field(default="auto", metadata=_opt(
         "--device", "auto (cuda if available), cpu, cuda or cuda:N.", show_default=True))
     gradient_checkpointing: bool = field(default=False, metadata=_opt(
@@ -114,6 +122,8 @@ class TrainConfig:
                 raise TrainingError(msg)
 
         need(self.template in TEMPLATES, f"template must be one of {', '.join(TEMPLATES)}, found {self.template!r}")
+        need(self.quantize is None or self.quantize in QUANTIZATIONS,
+             f"quantize must be one of {', '.join(QUANTIZATIONS)}, found {self.quantize!r}")
         need(self.dtype in TRAIN_DTYPES, f"dtype must be one of {', '.join(TRAIN_DTYPES)}, found {self.dtype!r}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, found {self.lr}")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
@@ -164,6 +174,8 @@ class TrainSummary:
     global_batch: int = 0  # batch_size x grad_accum x world_size examples per optimizer step
     base_bytes: int = 0  # bytes of frozen base weights this process holds (FSDP2: its shards)
     label_names: list[str] | None = None
+    # --quantize: {"scheme", "library", "version", "layers", "quantized_bytes"}; None over a dense base
+    quantization: dict | None = None
     eval: dict | None = None  # {"examples", "loss", "accuracy" (classification, multiple choice)}
     losses: list[float] = field(default_factory=list)  # per step, this run
 

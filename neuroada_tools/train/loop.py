@@ -34,6 +34,11 @@ the last checkpoint stay as they were (a checkpoint is never written with non-fi
 
 Several processes under ``torchrun`` (DDP, or FSDP2 with ``--fsdp``): ``train/distributed.py``.
 
+``quantize`` (QLoRA-style): the Linear layers of the loaded base are quantized after its
+fingerprints are checked (``train/bypass/quant.py``), their bypasses add ``x S^T`` to the quantized
+forward, and the delta sidecar's ``info.quantization`` records the scheme; ``merge`` writes the
+deltas into the full-precision checkpoint as for any delta.
+
 Left out: mixed precision with fp32 master weights (``bf16``
 loads the base in bf16; deltas, head and their AdamW state are fp32 anyway), sequence packing,
 evaluation during training (``eval_data`` is evaluated once, at the end), early stopping.
@@ -52,14 +57,14 @@ import torch
 
 from neuroada_tools import __version__, hf
 from neuroada_tools.check.binding import check_shapes, verify_loaded
-from neuroada_tools.errors import ModelError, TrainingError
+from neuroada_tools.errors import ModelError, OptionError, TrainingError
 from neuroada_tools.hf import TASKS, default_task, load_model
 from neuroada_tools.io.checkpoint import open_checkpoint
 from neuroada_tools.io.outputs import atomic_file, check_delta_outputs
 from neuroada_tools.io.sidecar import file_digest, read_index, write_delta
 from neuroada_tools.io.state import read_state, state_path, write_state
 from neuroada_tools.train import distributed
-from neuroada_tools.train.bypass import attach, make_delta_sidecar
+from neuroada_tools.train.bypass import attach, make_delta_sidecar, quant
 from neuroada_tools.train.config import StepInfo, TrainConfig, TrainSummary
 from neuroada_tools.train.data import collate
 from neuroada_tools.train.resume import check_resume, restore_state
@@ -160,6 +165,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
             "grad_accum": cfg.grad_accum, "world_size": dist.world, "max_length": cfg.max_length,
             "max_grad_norm": cfg.max_grad_norm, "train_on_prompt": cfg.train_on_prompt, "dtype": cfg.dtype,
             "template": cfg.template,
+            "quantize": cfg.quantize,
             "label_field": prep.label_field if task == "classification" else None,
             "text_field": cfg.text_field if task == "classification" else None,
             "num_labels": len(label_names) if label_names is not None else None,
@@ -178,6 +184,16 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
         model = load_model(model_dir, task, config=tcfg, dtype=hf.DTYPES[cfg.dtype],
                            trust_remote_code=cfg.trust_remote_code)
         verify_loaded(index, model, ckpt)  # FingerprintError naming the tensor if the index is from another base
+        quantization = None
+        if cfg.quantize:  # after the fingerprints (full precision); the bypass then adds x S^T (bypass/quant.py)
+            if dist.enabled:
+                raise OptionError("--quantize is not supported under torchrun (DDP / FSDP2); train on one process")
+            layers = quant.quantize_model(model, cfg.quantize, device=device)
+            quantization = {
+                "scheme": cfg.quantize, "library": quant.QUANTIZATIONS[cfg.quantize][1],
+                "version": quant.library_version(cfg.quantize), "layers": len(layers),
+                "quantized_bytes": sum(quant.layer_bytes(model.get_submodule(n)) for n in layers),
+            }
     except Exception as e:  # noqa: BLE001 - handed to every rank by agree, which re-raises it
         error = e
     distributed.agree(dist, error)
@@ -230,6 +246,8 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
                 "writer": f"neuroada-tools {__version__}", "epochs": cfg.epochs, "max_steps": cfg.max_steps,
                 **settings,
             }
+            if quantization is not None:  # what the deltas were trained over (formats/delta-v1.md)
+                info["quantization"] = {k: quantization[k] for k in ("scheme", "library", "version")}
             if label_names is not None:
                 info["label_names"] = list(label_names)
             sidecar = make_delta_sidecar(model, index, dense={n: p for n, p in whole if n in head}, task=task,
@@ -300,6 +318,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, on_start, on_step) -> Train
         delta_parameters=delta_params, head_parameters=head_params, lr=cfg.lr, seed=cfg.seed,
         device=str(device), dtype=cfg.dtype, world_size=dist.world, batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, global_batch=step_examples, base_bytes=base_bytes, label_names=label_names,
+        quantization=quantization,
         eval=eval_result,
         losses=losses,
     )

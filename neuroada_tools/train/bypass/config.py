@@ -19,11 +19,16 @@ ROOT_STATE = "_neuroada_attach_state"
 
 
 def adaptable(module: nn.Module) -> bool:
-    """``nn.Linear`` / ``Conv1D`` or a subclass that keeps their forward (the bypass replaces it).
+    """``nn.Linear`` / ``Conv1D`` or a subclass that keeps their forward (the bypass replaces it), or a
+    quantized Linear (``quant.py``: bitsandbytes, torchao), whose own forward the bypass adds to.
 
     A layer that already carries a bypass is judged by the class it had before ``attach``, so the
     checks of a second adapter (``neuroada_tools.apply``) can run while the first is attached."""
     own = module.__dict__.get("_neuroada_base_cls", type(module))
+    from neuroada_tools.train.bypass.quant import scheme_of
+
+    if scheme_of(module) is not None:  # a quantized Linear: the bypass adds x S^T to its own forward
+        return True
     for cls in (nn.Linear, Conv1D):
         if cls is not None and issubclass(own, cls) and own.forward is cls.forward:
             return True

@@ -63,12 +63,15 @@ class _BypassMixin:
     neuroada_name: str
     neuroada_mode: str
     neuroada_layout: str
+    neuroada_quant: str | None  # the quantization of the frozen layer (quant.py), or None
     _neuroada_dirty: bool  # W holds W0_sel + delta at the selected positions (else the base)
     # the last refresh on CPU with the kernels; any move, load or restore of the tensors resets it
     _neuroada_written: _Written | None
     _neuroada_base_cls: type
 
     def _neuroada_shape(self) -> tuple[int, int]:
+        if self.neuroada_quant is not None:  # the stored weight may be packed codes
+            return int(self.out_features), int(self.in_features)
         w = self.weight
         return (w.shape[0], w.shape[1]) if self.neuroada_layout == "out_in" else (w.shape[1], w.shape[0])
 
@@ -175,7 +178,22 @@ class _BypassMixin:
         backend = "triton" if choose_backend(x.device) == "triton" else "torch"
         return self._neuroada_dense(x) + sparse_linear_add(x, self.neuroada_idx, self.neuroada_delta, backend)
 
+    def _neuroada_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x) + x S^T`` over a quantized layer (``quant.py``): its own dequantizing forward,
+        then the sparse term (or, in ``reference`` mode, a dense ``S``); the weight is never read."""
+        y = self._neuroada_base_cls.forward(self, x)
+        if self.neuroada_mode == "reference":
+            d_out, d_in = self._neuroada_shape()
+            delta = self.neuroada_delta
+            s = torch.zeros((d_out, d_in), dtype=torch.float32, device=delta.device)
+            s = s.scatter(1, self.neuroada_idx.long(), delta)
+            return y + F.linear(x.float(), s).to(y.dtype)
+        backend = "triton" if choose_backend(x.device) == "triton" else "torch"
+        return y + sparse_linear_add(x, self.neuroada_idx, self.neuroada_delta, backend).to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.neuroada_quant is not None:
+            return self._neuroada_quantized(x)
         if self.neuroada_mode == "reference":
             return self._neuroada_reference(x)
         if self.neuroada_mode == "sparse":
@@ -214,7 +232,8 @@ class _BypassMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._neuroada_restore()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
-        if prefix + "weight" in state_dict:  # a (new) base weight: its selected values are W0_sel
+        # a (new) base weight: its selected values are W0_sel (a quantized layer keeps none)
+        if prefix + "weight" in state_dict and self.neuroada_quant is None:
             with torch.no_grad():
                 self.neuroada_w0.copy_(self._neuroada_logical(self.weight).gather(1, self.neuroada_idx))
 

@@ -19,6 +19,7 @@ from neuroada_tools.train.bypass.config import (
     adaptable,
 )
 from neuroada_tools.train.bypass.layer import _bypass_class, _BypassMixin
+from neuroada_tools.train.bypass.quant import logical_shape, scheme_of
 
 
 def _bypassed(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -103,6 +104,14 @@ def _check_target(
             f"Conv1D (found {type(module).__name__}.{leaf})"
         )
     want_layout = "out_in" if isinstance(module, nn.Linear) else "in_out"
+    quant = scheme_of(module)
+    if quant is not None:  # packed codes: the logical shape is the layer's, the weight is not floats
+        if entry.layout != "out_in" or tuple(entry.shape) != logical_shape(module):
+            raise ModelError(
+                f"index tensor {name!r}: quantized ({quant}) layer {mod_name!r} is [d_out, d_in] = "
+                f"{list(logical_shape(module))} out_in, the index was made for {list(entry.shape)} {entry.layout}"
+            )
+        return name, module, index.indices[name]
     if entry.layout != want_layout:
         raise ModelError(
             f"index tensor {name!r}: recorded layout {entry.layout!r}, but model parameter {pname!r} "
@@ -143,11 +152,15 @@ def _check_dense(model: nn.Module, dense: dict[str, torch.Tensor]) -> list[tuple
 def _install(module: nn.Module, name: str, idx: torch.Tensor, mode: str, init: torch.Tensor | None) -> nn.Parameter:
     w = module.weight
     layout = "out_in" if isinstance(module, nn.Linear) else "in_out"
+    quant = scheme_of(module)
     idx = idx.to(device=w.device, dtype=torch.int32).contiguous()  # no copy if already so
     d_out, k = idx.shape
-    logical = w if layout == "out_in" else w.t()
-    with torch.no_grad():
-        w0 = logical.gather(1, idx)
+    if quant is not None:  # nothing is ever written to a quantized weight: no W0_sel to keep
+        w0 = torch.empty((d_out, 0), dtype=torch.float32, device=w.device)
+    else:
+        logical = w if layout == "out_in" else w.t()
+        with torch.no_grad():
+            w0 = logical.gather(1, idx)
     value = torch.zeros((d_out, k), dtype=torch.float32, device=w.device)
     if init is not None:
         value.copy_(init)
@@ -162,6 +175,7 @@ def _install(module: nn.Module, name: str, idx: torch.Tensor, mode: str, init: t
     module.neuroada_name = name
     module.neuroada_mode = mode
     module.neuroada_layout = layout
+    module.neuroada_quant = quant
     module._neuroada_dirty = False
     module._neuroada_written = None
     module._neuroada_base_cls = base_cls
@@ -177,7 +191,8 @@ def _remove(module: nn.Module, *, keep_merged: bool) -> None:
     for b in ("neuroada_idx", "neuroada_crow", "neuroada_w0"):
         del module._buffers[b]
     base_cls = module._neuroada_base_cls
-    attrs = ("neuroada_name", "neuroada_mode", "neuroada_layout", "_neuroada_dirty", "_neuroada_written")
+    attrs = ("neuroada_name", "neuroada_mode", "neuroada_layout", "neuroada_quant", "_neuroada_dirty",
+             "_neuroada_written")
     for a in (*attrs, "_neuroada_base_cls"):
         module.__dict__.pop(a, None)
     module.__class__ = base_cls
@@ -218,7 +233,16 @@ def merge_in_place(model: nn.Module) -> None:
     merged model's logits equal the fused bypass's. Example: bf16 ``W0 = 1.0``, ``delta = 2**-9``
     gives ``bf16(1.001953125) = 1.0`` (below bf16 resolution), while ``delta = 2**-7`` gives
     ``1.0078125``. ``requires_grad`` flags are restored; dense tensors loaded by ``attach`` stay.
+
+    A quantized layer (``quant.py``) has no weight to write into: ``ModelError``, nothing changed;
+    merge into the full-precision checkpoint instead (``neuroada-tools merge``, QLoRA's convention).
     """
+    for _, m in _bypassed(model):
+        if m.neuroada_quant is not None:
+            raise ModelError(
+                f"{m.neuroada_name!r}: cannot merge into a {m.neuroada_quant}-quantized weight; merge the delta "
+                "into the full-precision checkpoint (neuroada-tools merge)"
+            )
     _finish(model, keep_merged=True)
 
 
