@@ -15,22 +15,23 @@ runs in its own dtype on the same inputs, the reference path and the fused path 
 orders), give the **noise floor** ``n``: the larger of their max abs logit differences from float64,
 what rounding alone does to this model at these inputs (one run alone understates it: on SmolLM2 a
 correct merge, which is the fused run bit for bit, lay 2.9x above the reference path's deviation at
-one input seed). A form (merged torch, ONNX Runtime, the cached
-step) passes when its max abs difference from the float64 reference is at most
+one input seed). A form (merged torch, ONNX Runtime, the ORT GenAI runtime, the cached step) passes
+when its max abs difference from the float64 reference is at most
 
-    NOISE_FACTOR x max(n, ULP_FLOOR x 2^-23 x ref_scale)          (``calibrated_tolerance``)
+    NOISE_FACTOR x n + SCALE_RTOL x ref_scale = 8 n + 1e-4 x ref_scale    (``calibrated_tolerance``)
 
-with ``NOISE_FACTOR = 8``. Measured ratio (form vs float64) / n on SmolLM2-135M-Instruct (30
-layers, logit scale ~35, a trained k=1 delta; 8 input seeds, n 8.5e-5 to 1.3e-3; ``python
-bench/bench_parity.py --seeds 8 --seeds-only ...``): the merged model 0.19-1.0 (it is the fused run
-bit for bit, so at most 1), its torch ONNX export 0.11-2.13. 8 is 3.75x the worst of these: the
-logit bound's job is to catch an export that computes something else without ever failing a
-correct one; small defects are left to the exact comparisons. Where the arithmetic is the same, no
-tolerance: the merged model against the fused bypass (the in-place ``cast(fp32(W0) + delta)`` and
-one matmul) must be equal bit for bit (``EXACT``); ONNX graphs, whose kernels sum in other orders,
-get the bit-for-bit comparison of their weights instead (``check/onnx_weights.py``). Those exact
-comparisons are what catch one misplaced entry of a trained delta on a deep model, whose effect
-(1e-3 to 0.24 on SmolLM2) can hide under ``8 n``.
+Measured on SmolLM2-135M-Instruct (30 layers, logit scale ~35): over 8 input seeds with a trained
+k=1 delta (n 8.5e-5 to 1.3e-3; ``python bench/bench_parity.py --seeds 8 --seeds-only ...``), the
+merged model at 0.19-1.0 n (it is the fused run bit for bit, so at most 1) and its torch ONNX export
+at 0.11-2.13 n; but the torch ONNX export of the demo's k=20 delta (lr 1e-2) at 7.9 n (7.9e-4, 2.3e-5
+of the logit scale): a few positions' noise estimate has a long tail, hence the relative term, 4x
+the largest relative deviation seen. The logit bound's job is to catch an export that computes
+something else without ever failing a correct one; small defects are left to the exact comparisons.
+Where the arithmetic is the same, no tolerance: the merged model against the fused bypass (the
+in-place ``cast(fp32(W0) + delta)`` and one matmul) must be equal bit for bit (``EXACT``); ONNX
+graphs, whose kernels sum in other orders, get the bit-for-bit comparison of their weights instead
+(``check/onnx_weights.py``). Those exact comparisons are what catch one misplaced entry of a trained
+delta on a deep model, whose effect (1e-3 to 0.24 on SmolLM2) can hide under the logit bound.
 
 The fixed table below (``TOLERANCES[dtype][kind]``; kind "merged" = merged torch vs unmerged torch,
 "onnx" = ONNX Runtime vs unmerged torch, "tight" = the fp32 rounding check of a bf16/fp16 merge,
@@ -148,9 +149,10 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 #: The calibrated rule's factor: a form may be at most this many times as far from the float64 evaluation
 #: of the unmerged model as that model's own run in its dtype is (module docstring, "Calibrated").
 NOISE_FACTOR = 8.0
-#: Whatever the measured noise, the calibrated bound is at least this many fp32 units of roundoff at the
-#: logit scale (a noise of 0, e.g. logits that happen to be exact, would otherwise demand bit equality).
-ULP_FLOOR = 8
+#: Plus this share of the logit scale: fp32 forms of a correct merge of SmolLM2 deviated by up to 2.3e-5 of it
+#: (the torch ONNX export of the demo's k=20 delta: 7.9e-4 at scale 34, 7.9x the noise floor), so a few
+#: input positions' noise estimate never fails a correct export (module docstring, "Calibrated").
+SCALE_RTOL = 1e-4
 #: Exact: the same arithmetic gives the same bits (merged torch vs the fused bypass).
 EXACT = Tolerance(0.0)
 
@@ -158,12 +160,11 @@ EXACT = Tolerance(0.0)
 def calibrated_tolerance(noise: ParityReport, factor: float = NOISE_FACTOR) -> Tolerance:
     """The bound for a form of the model from its measured noise floor (module docstring, "Calibrated").
 
-    ``noise`` compares the unmerged model's own run in its dtype with its float64 evaluation on the
-    same inputs. Example: noise max abs 9.4e-5 at logit scale 35 -> atol ``8 * 9.4e-5 = 7.5e-4``
-    (the floor, ``8 * 2**-23 * 35 = 3.3e-5``, is below it).
+    ``noise`` compares the unmerged model's own runs in its dtype with its float64 evaluation on the
+    same inputs. Example: noise max abs 9.4e-5 at logit scale 35 -> ``8 * 9.4e-5 + 1e-4 * 35 =
+    7.5e-4 + 3.5e-3 = 4.25e-3``.
     """
-    floor = ULP_FLOOR * 2.0**-23 * noise.ref_scale
-    return Tolerance(factor * max(noise.max_abs, floor))
+    return Tolerance(factor * noise.max_abs, SCALE_RTOL)
 
 
 def tolerance_for(dtype: torch.dtype | str, kind: str) -> Tolerance:
