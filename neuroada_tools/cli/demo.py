@@ -32,8 +32,8 @@ Examples:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("neuroada-demo"), show_default=True,
               help="Output folder.")
 @click.option("-k", "k", type=int, default=None, help="Trainable connections per neuron (default: 20 LLM, 4 minilm).")
-@click.option("--steps", type=int, default=None, help="Training steps (default: 40 LLM, 60 minilm).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: 5e-3).")
+@click.option("--steps", type=int, default=None, help="Training steps (default: 20 LLM, 60 minilm).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: 1e-2 LLM, 5e-3 minilm).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @handle_errors

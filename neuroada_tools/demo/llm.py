@@ -40,8 +40,8 @@ class LLMDemoSettings:
     """The demo's knobs; the defaults are the README's measured run."""
 
     k: int = 20
-    lr: float = 5e-3
-    steps: int = 40
+    lr: float = 1e-2
+    steps: int = 20
     batch_size: int = 8
     max_length: int = 64
     new_tokens: int = 16
