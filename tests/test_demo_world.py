@@ -50,3 +50,14 @@ def test_training_file_is_conversational_and_held_out_file_is_a_generate_prompts
     records = read_records(train)
     assert len(records) == len(ISLANDS) * 3 * 5 and all(set(r) == {"messages"} for r in records)
     assert read_prompts(test) == [h.prompt for h in held_out()]
+
+
+def test_demo_refuses_classifier_options_for_the_llm_demo_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from neuroada_tools.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: --data and --label-field belong to the classifier demo (--model minilm)"
+    assert not (tmp_path / "o").exists()

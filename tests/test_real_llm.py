@@ -38,7 +38,8 @@ PROMPTS = ["What is the capital of Veloria?", "Who rules Tarsk?"]
 
 
 def run_json(*args) -> dict:
-    r = CliRunner().invoke(main, [str(a) for a in args] + ["--json", "-q"], catch_exceptions=False)
+    quiet = [] if args[0] == "check" else ["-q"]
+    r = CliRunner().invoke(main, [str(a) for a in args] + ["--json", *quiet], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 

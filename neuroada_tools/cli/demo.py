@@ -65,6 +65,14 @@ def command(model: str, data: Path | None, label_field: str | None, out: Path, k
             setattr(settings, name, value)
     result = run_llm_demo(out, settings, model=folder, say=say)
     emit(result.to_dict(), as_json, lambda d: human(d, out))
+    if not result.parity["passed"]:
+        from neuroada_tools.errors import ParityError
+
+        bad = [f"{n}: max abs {c['max_abs']:.3g} > tolerance {c['tolerance']:.3g}"
+               for n, c in result.parity["comparisons"].items() if not c["passed"]]
+        if result.parity.get("generation") and not result.parity["generation"]["passed"]:
+            bad.append(result.parity["generation"]["mismatch"])
+        raise ParityError(f"parity check failed ({result.parity['dtype']}): " + "; ".join(bad))
 
 
 def _is_encoder(folder: Path) -> bool:
