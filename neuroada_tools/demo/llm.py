@@ -21,9 +21,9 @@ command calls:
 
 What this file leaves out
 -------------------------
-Sampling (greedy only), a with-past ONNX graph (``merge --to onnx --with-past`` doubles the
-export time of torch.onnx.export on this model; the answers re-run ``model.onnx`` per token,
-which for 18 short prompts is cheap). When ``merge --to onnx`` builds decoder LLMs with
+Sampling (greedy only), a with-past ONNX graph (with torch.onnx.export, ``--with-past`` is a second
+export of the model, the slowest step already; the answers re-run ``model.onnx`` per token, which
+for 18 short prompts is cheap). When ``merge --to onnx`` builds decoder LLMs with
 onnxruntime-genai's model builder, only :func:`onnx_answers` changes (the runtime keeps the cache).
 """
 
