@@ -32,24 +32,11 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_folder(out: Path) -> Path:
-    """A transformers folder of SmolLM2-135M-Instruct (fp32, dequantized from the GGUF file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct as a Hugging Face folder in ``out``: links to the cached conversion
+    (``tests/llmkit.py``; converted once per checkout by ``neuroada_tools.hf.gguf``)."""
+    from tests.llmkit import linked_smollm2
 
-    from neuroada_tools.hf import quiet_transformers
-
-    gguf = smollm2_gguf()
-    with quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):  # the GGUF marker: transformers refuses to save such a model
-        del config.quantization_config
-    config.architectures = [type(model).__name__]
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return linked_smollm2(out)
 
 
 def sequence_logprob(model, context: list[int], continuation: list[int]) -> float:

@@ -51,3 +51,20 @@ def smollm2_dir() -> Path:
             pytest.fail(f"SmolLM2 unavailable under CI: {reason}")
         pytest.skip(f"SmolLM2 unavailable: {reason}")
     return smollm2_folder(cache_root=smollm2_cache_root())
+
+
+def linked_smollm2(out: Path) -> Path:
+    """``out`` filled with links to the cached SmolLM2 folder's files (a folder of its own to write beside;
+    no conversion when the cache holds it). Skips (fails under ``CI=true``) as ``smollm2_dir`` does."""
+    from neuroada_tools.hf.gguf import smollm2_folder
+
+    reason = smollm2_missing()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"SmolLM2 unavailable under CI: {reason}")
+        pytest.skip(f"SmolLM2 unavailable: {reason}")
+    src = smollm2_folder(cache_root=smollm2_cache_root())
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        (out / f.name).symlink_to(f)
+    return out

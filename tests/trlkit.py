@@ -98,13 +98,8 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_folder(out: Path) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder (fp32 safetensors, config, tokenizer) in ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct as a Hugging Face folder in ``out``: links to the cached conversion
+    (``tests/llmkit.py``; converted once per checkout by ``neuroada_tools.hf.gguf``)."""
+    from tests.llmkit import linked_smollm2
 
-    gguf = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None  # dequantized to fp32 on load: a plain model, which save_pretrained writes
-    model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
-    return out
+    return linked_smollm2(out)
