@@ -246,7 +246,7 @@ def human(result: dict) -> str:
     n = result.get("noise")
     if n is not None and n["calibrated"]:
         lines.append(f"  noise floor ({n['what']}) max abs {n['max_abs']:.3e}: forms within {n['factor']:g}x that "
-                     "of the float64 evaluation; merged_vs_fused exact")
+                     "+ 1e-4 x max abs logit of the float64 evaluation; merged_vs_fused exact")
     width = max([22, *map(len, result["comparisons"])])
     for n, c in result["comparisons"].items():
         lines.append(
