@@ -204,3 +204,25 @@ def test_torch_with_past_holds_one_copy_of_the_weights(llama, tmp_path):
     assert locations == {"model.onnx.data"}
     merged_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     assert (out / "model.onnx.data").stat().st_size < 1.1 * merged_bytes  # not 2x
+
+
+def test_evaluate_runs_the_genai_folder_as_the_unmerged_model(llama, tmp_path):
+    """``evaluate --onnx`` on an ORT GenAI folder: log-likelihood option scores equal the unmerged model's
+    (fp32, within the runtime's noise). (Generation runs through ``generate``'s source, tested above.)"""
+    base, ip, dp, folder, _ = llama
+    records = [{"question": "What is red?", "options": ["the sky", "blood", "grass"], "answer": 1},
+               {"question": "Which one is a fruit?", "options": ["apple", "stone"], "answer": 0}]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scores = {}
+    forms = {"genai": ["--onnx", folder], "unmerged": ["--model", base, "--index", ip, "--delta", dp]}
+    for name, args in forms.items():
+        out = tmp_path / f"{name}.jsonl"
+        r = run_cli("evaluate", *args, "--data", data, "--scoring", "loglik", "--prompt-style", "lm-eval",
+                    "--predictions", out, "--json", "-q")
+        assert r.exit_code == 0, r.output
+        scores[name] = [json.loads(line)["option_logprob"] for line in out.read_text().splitlines()]
+        if name == "genai":
+            assert "onnx-genai" in json.loads(r.stdout)["form"]
+    for a, b in zip(scores["genai"], scores["unmerged"]):
+        assert a == pytest.approx(b, abs=1e-3)

@@ -25,8 +25,9 @@ k=1 delta (n 8.5e-5 to 1.3e-3; ``python bench/bench_parity.py --seeds 8 --seeds-
 merged model at 0.19-1.0 n (it is the fused run bit for bit, so at most 1) and its torch ONNX export
 at 0.11-2.13 n; but with the demo's k=20 delta (lr 1e-2) its torch ONNX export at 7.9 n (7.9e-4,
 2.3e-5 of the logit scale) and its ORT GenAI build at 9.9 n (1.0e-3, 3.0e-5): a few positions' noise
-estimate has a long tail, hence the relative term, 3.3x the largest relative deviation seen. The logit bound's job is to catch an export that computes
-something else without ever failing a correct one; small defects are left to the exact comparisons.
+estimate has a long tail, hence the relative term, 3.3x the largest relative deviation seen. The
+logit bound's job is to catch an export that computes something else without ever failing a
+correct one; small defects are left to the exact comparisons.
 Where the arithmetic is the same, no tolerance: the merged model against the fused bypass (the
 in-place ``cast(fp32(W0) + delta)`` and one matmul) must be equal bit for bit (``EXACT``); ONNX
 graphs, whose kernels sum in other orders, get the bit-for-bit comparison of their weights instead

@@ -28,6 +28,8 @@ from neuroada_tools.evaluate.records import to_items
 from neuroada_tools.forms import open_form
 from neuroada_tools.generate import sources
 from neuroada_tools.generate.decode import generate_ids
+from neuroada_tools.generate.genai import genai_logits, is_genai_folder
+from neuroada_tools.generate.genai import load_model as genai_load
 from neuroada_tools.generate.prompts import completion_text, load_prompt_tokenizer
 from neuroada_tools.hf import task_config
 from neuroada_tools.io.outputs import atomic_file
@@ -111,7 +113,8 @@ def run_evaluate(settings: EvalSettings, model: ModelArgs, *,
     elif s.scoring == "loglik":
         pairs = [scoring.option_pairs(it, tok, s.prompt_style, vocab) for it in items]
         scoring.check_positions([(it.where, len(c) + len(o)) for it, p in zip(items, pairs) for c, o in p], limit)
-        form = open_form(**vars(model), device=s.device, provider=s.provider)
+        form = (GenAIForm.open(model.onnx, s.provider) if model.onnx is not None and is_genai_folder(model.onnx)
+                else open_form(**vars(model), device=s.device, provider=s.provider))
         _require_lm(form.task, folder, "log-likelihood")
         summary, rows = _loglik(items, pairs, form, tok, s, progress)
     else:
@@ -123,6 +126,29 @@ def run_evaluate(settings: EvalSettings, model: ModelArgs, *,
     if s.predictions is not None:
         write_predictions(s.predictions, rows)
     return summary, rows
+
+
+@dataclass
+class GenAIForm:
+    """An ORT GenAI folder (``merge --to onnx`` of a decoder LLM) as a form for log-likelihood: whole-sequence
+    logits from its runtime, one prefill per row (``generate.genai.genai_logits``), the model loaded once."""
+
+    folder: Path
+    config: object
+    provider: str
+    og_model: object
+    task: str = "causal-lm"
+    model: None = None
+
+    @classmethod
+    def open(cls, folder: Path, provider: str) -> GenAIForm:
+        return cls(Path(folder), task_config(Path(folder), "causal-lm"), provider, genai_load(Path(folder), provider))
+
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return genai_logits(self.folder, inputs, self.provider, model=self.og_model)
+
+    def describe(self) -> str:
+        return f"onnx-genai: {self.folder} (onnxruntime-genai, {self.provider})"
 
 
 def _require_lm(task: str, folder: Path, what: str) -> None:

@@ -171,13 +171,13 @@ def prompt_logits(model, prompts: Sequence[Sequence[int]], where: str, max_lengt
     return out
 
 
-def genai_logits(folder: Path, inputs: dict[str, torch.Tensor], provider: str = "cpu") -> torch.Tensor:
+def genai_logits(folder: Path, inputs: dict[str, torch.Tensor], provider: str = "cpu", model=None) -> torch.Tensor:
     """Logits ``[B, T, V]`` of a padded batch: each row's real tokens (``attention_mask == 1``) run alone
     through the runtime, their logits put back at their positions (0 at padded slots, which the
     comparison masks). Example: right-padded ids ``[[5, 6, 7], [8, 9, pad]]`` -> prefills ``[5, 6, 7]``
-    and ``[8, 9]``."""
+    and ``[8, 9]``. ``model``: the folder's ``og.Model`` when already loaded (else loaded here)."""
     folder = Path(folder)
-    model = load_model(folder, provider)
+    model = model if model is not None else load_model(folder, provider)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     rows = prompt_logits(model, prompts, str(folder / _decoder_file(folder)), context_length(folder))
