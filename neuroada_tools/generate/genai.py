@@ -186,19 +186,3 @@ def genai_logits(folder: Path, inputs: dict[str, torch.Tensor], provider: str = 
     for b, (m, r) in enumerate(zip(mask, rows)):
         out[b, m.bool()] = r
     return out
-
-
-def open_genai(folder: Path, *, provider: str = "cpu", vocab: int | None = None):
-    """A ``sources.Source`` over the runtime (``sources.open_onnx`` sends ORT GenAI folders here)."""
-    from neuroada_tools.generate.sources import Source, _config, _text_config, max_positions, special_ids
-
-    folder = Path(folder)
-    config = _config(folder)
-    vocab = int(_text_config(config).vocab_size) if vocab is None else vocab
-    eos, pad = special_ids(folder, config, vocab)
-    model = load_model(folder, provider)
-    where = str(folder / _decoder_file(folder))
-    limit = context_length(folder)
-    detail = f"{_decoder_file(folder)} (ORT GenAI runtime, {precision_of(folder)}, {provider}, KV cache)"
-    return Source("onnx-genai", folder, config, vocab, eos, pad, max_positions(config),
-                  lambda: GenAISession(model, where, limit), detail)

@@ -157,7 +157,7 @@ def open_onnx(folder: Path, *, with_past: bool, provider: str = "cpu", vocab: in
     """An ONNX folder: ``model_with_past.onnx`` step by step (``with_past``), else ``model.onnx`` re-run;
     an ORT GenAI folder (``genai_config.json``) runs on its own runtime, KV cache included (``genai.py``)."""
     folder = Path(folder)
-    from neuroada_tools.generate.genai import is_genai_folder, open_genai
+    from neuroada_tools.generate.genai import is_genai_folder
 
     if is_genai_folder(folder):
         return open_genai(folder, provider=provider, vocab=vocab)
@@ -178,3 +178,19 @@ def open_onnx(folder: Path, *, with_past: bool, provider: str = "cpu", vocab: in
         logits_of = onnx_logits(path, provider)
         new, detail = (lambda: FullRerun(logits_of, pad)), f"{name} (ONNX Runtime, full re-run per token)"
     return Source("onnx", folder, config, vocab, eos, pad, max_positions(config), new, detail)
+
+
+def open_genai(folder: Path, *, provider: str = "cpu", vocab: int | None = None):
+    """A ``Source`` over onnxruntime-genai's runtime (``open_onnx`` sends ORT GenAI folders here)."""
+    from neuroada_tools.generate.genai import GenAISession, _decoder_file, context_length, load_model, precision_of
+
+    folder = Path(folder)
+    config = _config(folder)
+    vocab = int(_text_config(config).vocab_size) if vocab is None else vocab
+    eos, pad = special_ids(folder, config, vocab)
+    model = load_model(folder, provider)
+    where = str(folder / _decoder_file(folder))
+    limit = context_length(folder)
+    detail = f"{_decoder_file(folder)} (ORT GenAI runtime, {precision_of(folder)}, {provider}, KV cache)"
+    return Source("onnx-genai", folder, config, vocab, eos, pad, max_positions(config),
+                  lambda: GenAISession(model, where, limit), detail)
