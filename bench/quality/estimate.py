@@ -48,6 +48,9 @@ def _row(m: Method, seeds: list[int], build_s: float, step_s: float, val_s: floa
     """A method's costs and the runs it makes: ``len(grid)`` sweep runs and ``seeds - 1`` more (seed 0
     is the sweep's), a build and a validation scoring each, a test scoring per seed, the calibration once;
     ``ext_fixed_s``: what the extra lr past a grid end adds besides its steps."""
+    if m.kind == "zero-shot":  # scored once, never trained
+        return {"method": m.name, "build_s": build_s, "step_s": 0.0, "val_s": val_s, "test_s": test_s, "runs": 0,
+                "index_s": 0.0, "fixed_s": build_s + val_s + test_s, "ext_fixed_s": 0.0, "load": load, "from": source}
     runs = len(m.lrs) + len(seeds) - 1
     return {"method": m.name, "build_s": build_s, "step_s": step_s, "val_s": val_s, "test_s": test_s, "runs": runs,
             "index_s": index_s, "fixed_s": runs * (build_s + val_s) + len(seeds) * test_s + index_s,
@@ -70,7 +73,7 @@ def measure(ctx: Context, data: TaskData, task: str, s: TaskSettings, methods: l
         build_s = time.perf_counter() - t0
         index_s = ctx.index_seconds.get((m.k, "gradient", 0, task), 0.0) if m.criterion == "gradient" else 0.0
         build_s -= index_s  # the calibration is paid once, not per run
-        step_s = statistics.mean(time_steps(ctx, model, params, data, task, [warm] + picks)[1:])
+        step_s = statistics.mean(time_steps(ctx, model, params, data, task, [warm] + picks)[1:]) if params else 0.0
         val_s = evaluate(ctx, model, val_slice, task, s.eval_batch)["seconds"] * len(data.val) / len(val_slice)
         test_s = evaluate(ctx, model, test_slice, task, s.eval_batch)["seconds"] * len(data.test) / len(test_slice)
         release(model)
@@ -135,7 +138,7 @@ def project(rows: list[dict], task: str, per_epoch: int, steps_total: int, timin
 
     def total(steps: int, ext: bool) -> float:
         per_method = [r["fixed_s"] + r["runs"] * steps * r["step_s"]
-                      + (r["ext_fixed_s"] + steps * r["step_s"] if ext else 0) for r in rows]
+                      + (r["ext_fixed_s"] + steps * r["step_s"] if ext and r["runs"] else 0) for r in rows]
         return timing_s + makespan(per_method, workers)
 
     return {"task": task, "rows": rows, "steps_per_epoch": per_epoch, "steps_total": steps_total,

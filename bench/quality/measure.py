@@ -144,7 +144,12 @@ def train_run(ctx: Context, model, params, data: TaskData, task: str, steps: int
 
 def evaluate(ctx: Context, model, examples: list, task: str, eval_batch: int) -> dict:
     """``{"acc", "loss", "seconds"}`` of the shipped ``evaluate`` (mean loss per example), on the
-    examples sorted by length so batches carry little padding; the model is put back in train mode."""
+    examples sorted by length so batches carry little padding; the model is put back in train mode.
+    The LLM task is scored by ``evaluate``'s option log-likelihood instead (``llm.score``; ``acc_norm`` too)."""
+    if TASK_KIND[task] == "causal-lm":  # the LLM task: evaluate's option log-likelihood (llm.py)
+        from quality import llm
+
+        return llm.score(model, examples, ctx.pad_id, eval_batch)
     t0 = time.perf_counter()
     order = sorted(range(len(examples)), key=lambda i: length_of(examples[i]))
     got = shipped_evaluate(model, [examples[i] for i in order], TASK_KIND[task], ctx.pad_id, eval_batch,
@@ -179,7 +184,7 @@ def interleaved_step_ms(ctx: Context, data: TaskData, task: str, methods: list[M
     method alike. The step is the shipped ``optimizer_step`` at a constant lr of 1e-4."""
     kind = TASK_KIND[task]
     built = []
-    for m in methods:
+    for m in (m for m in methods if m.kind != "zero-shot"):  # nothing to step
         model, params, _ = build_method(ctx, task, m, 0)
         model.train()
         built.append((m.name, model, params, make_optimizer(params, 1e-4, WEIGHT_DECAY)))

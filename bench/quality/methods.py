@@ -14,11 +14,20 @@ from pathlib import Path
 
 from quality.tasks import TASK_KIND
 
+LLM_TARGET_REGEX = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"  # llm.py's targets
+
 TARGET_REGEX = (
     r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
     r"|intermediate\.dense|output\.dense)"
 )
-REFERENCE = "neuroada-k4-magnitude"  # the method every other is compared with, seed by seed
+REFERENCE = "neuroada-k4-magnitude"  # the method every other is compared with, seed by seed (encoder tasks)
+
+
+def reference_of(task: str) -> str:
+    """The reference of the paired differences of ``task``."""
+    from quality import llm
+
+    return llm.REFERENCE if task in llm.LLM_TASKS else REFERENCE
 
 
 @dataclass(frozen=True)
@@ -37,9 +46,13 @@ HEAD_GRID = (1e-3, 3e-3, 1e-2)
 FULL_GRID = (2e-5, 6e-5, 2e-4)
 
 
-def methods_for(quick: bool) -> tuple[list[Method], list[Method]]:
+def methods_for(quick: bool, task: str | None = None) -> tuple[list[Method], list[Method]]:
     """``(the protocol's methods, extra methods --methods may name)``, with their lr grids
-    (``quick``: the upper two lrs of each)."""
+    (``quick``: the upper two lrs of each); the LLM task's are ``llm.methods``."""
+    from quality import llm
+
+    if task in llm.LLM_TASKS:
+        return llm.methods(quick)
     main = [
         Method("neuroada-k4-magnitude", "neuroada", 4, NEUROADA_GRID, "magnitude"),
         Method("neuroada-k4-gradient", "neuroada", 4, NEUROADA_GRID, "gradient"),
@@ -151,6 +164,8 @@ def _load(ctx: Context, task: str):
 
     kind = TASK_KIND[task]
     cfg = task_config(ctx.model_dir, kind, num_labels=2 if task == "boolq" else None)
+    if kind == "causal-lm":
+        cfg.use_cache = False
     return load_model(ctx.model_dir, kind, config=cfg)
 
 
@@ -171,10 +186,14 @@ def build_method(ctx: Context, task: str, method: Method, seed: int):
     torch.manual_seed(seed)
     raw = _load(ctx, task).to(ctx.device)
     prefix = raw.base_model_prefix + "."
-    head = [p for n, p in raw.named_parameters() if not n.startswith(prefix)]
+    causal = TASK_KIND[task] == "causal-lm"  # no task head: the LM head is the pretrained one (tied on SmolLM2)
+    head = [] if causal else [p for n, p in raw.named_parameters() if not n.startswith(prefix)]
     info: dict = {"head_sha": tensor_digest(head)}
     model = raw
-    if method.kind == "full":
+    if method.kind == "zero-shot":
+        for p in raw.parameters():
+            p.requires_grad_(False)
+    elif method.kind == "full":
         for p in raw.parameters():
             p.requires_grad_(True)
     elif method.kind == "head":
@@ -192,22 +211,23 @@ def build_method(ctx: Context, task: str, method: Method, seed: int):
 
         if method.kind == "lora":
             r = ctx.budget.lora_r(method.k)
-            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGET_REGEX, bias="none")
+            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none",
+                                  target_modules=LLM_TARGET_REGEX if causal else TARGET_REGEX)
             info["r"] = r
         else:
             sp = ctx.budget.supertuning_sparsity(method.k)
-            cfg = peft.SupertuningConfig(target_modules=TARGET_REGEX, sparsity=sp)
+            cfg = peft.SupertuningConfig(target_modules=LLM_TARGET_REGEX if causal else TARGET_REGEX, sparsity=sp)
             info["sparsity"] = sp
         model = peft.get_peft_model(raw, cfg)
         adapted = [n for n, m in model.named_modules()
                    if hasattr(m, "base_layer") and not hasattr(m.base_layer, "base_layer")]
         info["adapted"] = len(adapted)
         want = {t.removesuffix(".weight") for t in ctx.targets}  # NeuroAda's targets, checkpoint names
-        if {n.split(prefix, 1)[-1] for n in adapted} != want:
+        if len(adapted) != len(want) or not all(any(a == w or a.endswith("." + w) for a in adapted) for w in want):
             raise SystemExit(f"{method.name}: peft adapted other modules than NeuroAda's index")
     else:
         raise ValueError(method.kind)
-    if method.kind != "full":
+    if method.kind not in ("full", "zero-shot"):
         for p in head:
             p.requires_grad_(True)
     if method.kind in ("neuroada", "lora", "supertuning") and info["adapted"] != ctx.budget.n_targets:

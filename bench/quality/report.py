@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import statistics
 
-from quality.methods import REFERENCE
+from quality.methods import reference_of
 from quality.stats import mean_std, paired_interval
 
 TITLE = {"arc": "ARC-Easy (multiple choice, question + each option)",
-         "boolq": "BoolQ (question only, 2-way classification)"}
+         "boolq": "BoolQ (question only, 2-way classification)",
+         "arc-llm": "ARC-Easy on SmolLM2-135M-Instruct (prompt-completion training, option log-likelihood)"}
 
 
 def markdown(records: list[dict], only: set[str] | None = None) -> str:
@@ -42,7 +43,7 @@ def _section(p: dict, recs: list[dict]) -> list[str]:
     task = st["task"]
     runs = [r for r in recs if r["phase"] in ("sweep", "test")]
     env = runs[0] if runs else {}
-    if task == "arc":
+    if task in ("arc", "arc-llm"):
         base = f"chance {100 * note['chance_test']:.2f}% (options per question: {note['options']})"
     else:
         base = f"majority class ('{note['majority_label']}') {100 * note['majority_test']:.2f}%"
@@ -53,14 +54,18 @@ def _section(p: dict, recs: list[dict]) -> list[str]:
              f"(the last {100 * st['val_frac']:.0f}% of the training file; picks the lr). {span} = "
              f"{st['steps_total']} steps x batch {st['batch']}, max_length {st['max_length']}. Device "
              f"{st['device']}, threads {env.get('threads', '?')}, torch {env.get('torch', '?')}, "
-             f"peft {env.get('peft', '?')}. Gradient criterion: calibrated on the first {note['calibration']} "
-             "training records.", ""]
+             f"peft {env.get('peft', '?')}."
+             + (f" Gradient criterion: calibrated on the first {note['calibration']} training records."
+                if note.get("calibration") else ""), ""]
+    reference = reference_of(task)
+    norm = any(r.get("test_acc_norm") is not None for r in runs)
     methods = list(dict.fromkeys(r["method"] for r in runs))
     tests = {m: {r["seed"]: r for r in runs if r["method"] == m and r["phase"] == "test"} for m in methods}
-    ref = {s: r["test_acc"] for s, r in tests.get(REFERENCE, {}).items() if r.get("test_acc") is not None}
+    ref = {s: r["test_acc"] for s, r in tests.get(reference, {}).items() if r.get("test_acc") is not None}
     lines += ["| method | trainable (share of base) | lr grid: val acc | chosen lr | test acc, mean ± std (seeds) "
-              f"| per seed | test loss | minus {REFERENCE}, paired (95% t-interval) | step ms | peak +MiB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| per seed | test loss | minus {reference}, paired (95% t-interval) | step ms | peak +MiB |"
+              + (" acc_norm, mean |" if norm else ""),
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if norm else "")]
     intervals = {}
     for m in methods:
         sweep = sorted((r for r in runs if r["method"] == m and r["phase"] == "sweep"), key=lambda r: r["lr"])
@@ -74,16 +79,20 @@ def _section(p: dict, recs: list[dict]) -> list[str]:
         extra = f", r={first['r']}" if first.get("r") else ""
         accs = {s: r["test_acc"] for s, r in t.items() if r.get("test_acc") is not None}
         mean, sd = mean_std(list(accs.values())) if accs else (None, None)
+        n_seeds = len(accs)
         seeds = " / ".join(_pct(t[s].get("test_acc")) for s in sorted(t))
         losses = [r["test_loss"] for r in t.values() if r.get("test_loss") is not None]
         planned = {f"{x:.6g}" for x in sweep[0].get("grid", [])} if sweep else set()
         grid = ", ".join(f"{r['lr']:.3g}" + ("+" if planned and f"{r['lr']:.6g}" not in planned else "")
                          + f": {_pct(r['val_acc'])}" + (" (nan)" if r.get("diverged") else "") for r in sweep)
         lr = first["lr"]
+        norms = [r["test_acc_norm"] for r in t.values() if r.get("test_acc_norm") is not None]
         edge = " (edge)" if len(sweep) > 2 and lr in (sweep[0]["lr"], sweep[-1]["lr"]) else ""
-        if m == REFERENCE:
+        if m == reference:
             diff = "(reference)"
         else:
+            if first.get("kind") == "zero-shot" and accs:  # one untrained score, set against every reference seed
+                accs = {s: accs[min(accs)] for s in ref}
             iv = paired_interval(accs, ref)
             intervals[m] = iv
             diff = ("n/a" if iv is None else
@@ -91,28 +100,30 @@ def _section(p: dict, recs: list[dict]) -> list[str]:
         step = _median(r.get("step_ms") for r in t.values())
         peak = _median(r.get("peak_mib") for r in t.values())
         lines.append(
-            f"| {m}{extra} | {_fmt_count(first['trainable'])} ({share:.3f}%) | {grid} | {lr:.3g}{edge} | "
-            f"**{_pct(mean)} ± {_pct(sd)}** ({len(accs)}) | {seeds} | "
+            f"| {m}{extra} | {_fmt_count(first['trainable'])} ({share:.3f}%) | {grid or '-'} | "
+            f"{f'{lr:.3g}' if lr else '-'}{edge} | "
+            f"**{_pct(mean)} ± {_pct(sd)}** ({n_seeds}) | {seeds} | "
             f"{(statistics.mean(losses) if losses else float('nan')):.4f} | {diff} | "
-            f"{'n/a' if step is None else f'{step:.0f}'} | {'n/a' if peak is None else f'{peak:.0f}'} |")
+            f"{'n/a' if step is None else f'{step:.0f}'} | {'n/a' if peak is None else f'{peak:.0f}'} |"
+            + (f" {_pct(statistics.mean(norms)) if norms else 'n/a'} |" if norm else ""))
     lines.append("")
-    lines += _notes(runs, tests, intervals, recs)
+    lines += _notes(runs, tests, intervals, recs, reference)
     return lines
 
 
-def _notes(runs: list[dict], tests: dict, intervals: dict, recs: list[dict]) -> list[str]:
+def _notes(runs: list[dict], tests: dict, intervals: dict, recs: list[dict], reference: str) -> list[str]:
     out = []
     ivs = [iv for iv in intervals.values() if iv]
     if ivs:
         df = {iv["df"] for iv in ivs}
         tq = {f"{iv['t']:.3f}" for iv in ivs}
-        out.append(f"Paired differences: per seed, the method's test accuracy minus {REFERENCE}'s (same batches, head "
+        out.append(f"Paired differences: per seed, the method's test accuracy minus {reference}'s (same batches, head "
                    "initialisation and dropout masks), in points; mean and 95% t-interval over the seeds "
                    f"(degrees of freedom {', '.join(map(str, sorted(df)))}, t = {', '.join(sorted(tq))}). An interval "
                    "that contains 0 does not tell the two methods apart.")
     # the pairing, checked from the records
     by_seed: dict[int, set] = {}
-    for r in (r for m in tests.values() for r in m.values()):
+    for r in (r for m in tests.values() for r in m.values() if r.get("kind") != "zero-shot"):  # zero-shot: no batches
         by_seed.setdefault(r["seed"], set()).add((r.get("batches_sha"), r.get("head_sha")))
     bad = sorted(s for s, v in by_seed.items() if len(v) > 1)
     if by_seed:

@@ -13,10 +13,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import quality
-from quality import workers
+from quality import llm, workers
 from quality.estimate import estimate_markdown, from_runs, measure, project
 from quality.measure import gradient_share, interleaved_step_ms
-from quality.methods import REFERENCE, Calibration, Context, methods_for
+from quality.methods import Calibration, Context, methods_for, reference_of
 from quality.report import markdown
 from quality.runs import Store, protocol_of, run_method
 from quality.tasks import (
@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                     help="smoke run: tiny slices, 4 steps, 2 lrs per method (results in memory unless --results)")
     ap.add_argument("--estimate", action="store_true",
                     help="measure a few steps and the scoring per method and print the projected wall time")
-    ap.add_argument("--tasks", default="arc", help="comma list of arc, boolq (default: arc)")
+    ap.add_argument("--tasks", default="arc",
+                    help="comma list of arc, boolq (default: arc); or arc-llm alone (SmolLM2, quality/llm.py)")
     ap.add_argument("--methods", default=None, help="comma list of method names (default: the protocol's 7)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick 2)")
     ap.add_argument("--epochs", type=int, default=None, help="override the epochs of every task")
@@ -73,7 +74,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--workers", type=int, default=None,
                     help="processes the methods are spread over (default: 2 on CPU, 1 on CUDA; see quality/workers.py)")
-    ap.add_argument("--model", type=Path, default=None, help="model folder (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model folder (default: all-MiniLM-L6-v2; arc-llm: SmolLM2-135M-Instruct)")
     ap.add_argument("--data", type=Path, default=None, help="data folder (default: $NEUROADA_DATA or ../shared/data)")
     ap.add_argument("--timing-reps", type=int, default=None,
                     help="repetitions of the interleaved step-time pass after each task (default 12, --quick 4; "
@@ -92,16 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         args.results = DEFAULT_RESULTS
     if args.render:
         return _emit(markdown(Store(args.results).records), args)
-    args.model = args.model or default_model()
-    args.data = args.data or default_data()
-    torch = setup_torch(args.threads)
-    if args.device != "cpu" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TASK_KIND:
             ap.error(f"unknown task {t!r} (choose from {', '.join(TASK_KIND)})")
-    main_methods, extra = methods_for(args.quick)
+    llm_task = any(t in llm.LLM_TASKS for t in tasks)
+    if llm_task and len(tasks) > 1:
+        ap.error(f"--tasks {args.tasks}: arc-llm runs alone (it has its own model and methods)")
+    args.model = args.model or (llm.default_model() if llm_task else default_model())
+    args.data = args.data or default_data()
+    torch = setup_torch(args.threads)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available")
+    main_methods, extra = methods_for(args.quick, tasks[0])
     known = {m.name: m for m in main_methods + extra}
     names = [n.strip() for n in args.methods.split(",")] if args.methods else [m.name for m in main_methods]
     for n in names:
@@ -182,8 +187,8 @@ def work(args, torch, tasks, methods, settings) -> int:
         if store.find(protocol["id"], task, "-", "protocol") is None:
             store.add({"protocol": protocol["id"], "task": task, "method": "-", "phase": "protocol", "seed": None,
                        "lr": None, "settings": protocol, "note": data.note, **env})
-        if REFERENCE not in [m.name for m in methods]:
-            log(f"note: {REFERENCE} is not among the methods; the paired differences need it")
+        if reference_of(task) not in [m.name for m in methods]:
+            log(f"note: {reference_of(task)} is not among the methods; the paired differences need it")
         for m in mine:
             t0 = time.time()
             run_method(ctx, store, data, task, s, m, seeds, protocol, env, log)

@@ -148,6 +148,8 @@ def _train_and_score(ctx: Context, data: TaskData, task: str, s: TaskSettings, m
     val = evaluate(ctx, model, data.val, task, s.eval_batch) if not tr["diverged"] else {}
     rec = {**{k: v for k, v in info.items() if k != "adapted"}, **tr, "build_s": build_s,
            "val_acc": val.get("acc"), "val_loss": val.get("loss"), "val_s": val.get("seconds")}
+    if "acc_norm" in val:
+        rec["val_acc_norm"] = val["acc_norm"]
     if method.criterion == "gradient" and method.kind == "neuroada":
         rec["index_s"] = ctx.index_seconds.get((method.k, "gradient", 0, task))
     return model, rec
@@ -159,6 +161,8 @@ def run_method(ctx: Context, store: Store, data: TaskData, task: str, s: TaskSet
     steps = protocol["steps_total"]
     base = {"protocol": protocol["id"], "task": task, "method": method.name, "kind": method.kind, "k": method.k,
             "criterion": method.criterion if method.kind == "neuroada" else None, "grid": list(method.lrs), **env}
+    if method.kind == "zero-shot":
+        return _zero_shot(ctx, store, data, task, s, method, protocol, base, log)
     kept: dict[float, object] = {}
     sweep: dict[float, dict] = {}
 
@@ -198,12 +202,36 @@ def run_method(ctx: Context, store: Store, data: TaskData, task: str, s: TaskSet
         release(model)
         rec = store.add({**base, "phase": "test", "seed": seed, "lr": pick, **got, "test_acc": test.get("acc"),
                          "test_loss": test.get("loss"), "test_s": test.get("seconds"),
+                         **({"test_acc_norm": test["acc_norm"]} if "acc_norm" in test else {}),
                          "lr_grid": sorted(sweep)})
         log(f"  {task} {method.name} lr={pick:.3g} seed {seed}: test acc {_pct(rec['test_acc'])} "
             f"({rec['train_s']:.0f}s train, {_num(rec['test_s'], '.0f')}s test, peak +{_num(rec['peak_mib'], '.0f')}"
             f" MiB)")
     for model in kept.values():
         release(model)
+
+
+def _zero_shot(ctx: Context, store: Store, data: TaskData, task: str, s: TaskSettings, method: Method,
+               protocol: dict, base: dict, log) -> None:
+    """The untrained model scored once (seed 0, lr 0): validation and test. It has no seeds to pair;
+    the report compares it with every seed of the reference."""
+    if store.find(protocol["id"], task, method.name, "test", 0, 0.0) is not None:
+        log(f"  {task} {method.name}: done before, skipped")
+        return
+    t0 = time.perf_counter()
+    model, _, info = build_method(ctx, task, method, 0)
+    build_s = time.perf_counter() - t0
+    val = evaluate(ctx, model, data.val, task, s.eval_batch)
+    test = evaluate(ctx, model, data.test, task, s.eval_batch)
+    release(model)
+    rec = store.add({**base, "phase": "test", "seed": 0, "lr": 0.0, **{k: v for k, v in info.items() if k != "adapted"},
+                     "steps": 0, "train_s": 0.0, "step_ms": None, "peak_mib": None, "diverged": False,
+                     "build_s": build_s,
+                     "val_acc": val["acc"], "val_loss": val["loss"], "val_s": val["seconds"],
+                     "test_acc": test["acc"], "test_loss": test["loss"], "test_s": test["seconds"],
+                     **({"val_acc_norm": val["acc_norm"], "test_acc_norm": test["acc_norm"]} if "acc_norm" in test
+                        else {})})
+    log(f"  {task} {method.name}: test acc {_pct(rec['test_acc'])} ({rec['test_s']:.0f}s test)")
 
 
 def _pct(x) -> str:

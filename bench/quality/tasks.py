@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TASK_KIND = {"boolq": "classification", "arc": "multiple-choice"}  # the train-sparse task of each
-TASK_FOLDER = {"boolq": "boolq", "arc": "arc-easy"}
+TASK_KIND = {"boolq": "classification", "arc": "multiple-choice", "arc-llm": "causal-lm"}  # train-sparse's task
+TASK_FOLDER = {"boolq": "boolq", "arc": "arc-easy", "arc-llm": "arc-easy"}
 SPLIT_SEED = 1234  # the test subset, when one is asked for
 MEGA = 50  # batches per length-sorted megabatch
 
@@ -41,12 +41,16 @@ class TaskSettings:
 PROTOCOL = {
     "arc": TaskSettings(epochs=1, batch=16, max_length=128, val_frac=0.1, test=None, eval_batch=8),
     "boolq": TaskSettings(epochs=1, batch=16, max_length=64, val_frac=0.1, test=None, eval_batch=128),
+    # SmolLM2 (``llm.py``): sequences of 14-110 tokens; eval_batch counts (question, option) sequences
+    "arc-llm": TaskSettings(epochs=2, batch=16, max_length=256, val_frac=0.1, test=None, eval_batch=32),
 }
 QUICK = {
     "arc": TaskSettings(epochs=1, batch=4, max_length=64, val_frac=0.1, test=24, eval_batch=12, train_limit=120,
                         steps=4, calibration=16),
     "boolq": TaskSettings(epochs=1, batch=8, max_length=64, val_frac=0.1, test=48, eval_batch=32, train_limit=200,
                           steps=4, calibration=16),
+    "arc-llm": TaskSettings(epochs=1, batch=4, max_length=128, val_frac=0.1, test=16, eval_batch=16, train_limit=80,
+                            steps=3, calibration=8),
 }
 
 
@@ -117,6 +121,8 @@ def load_task(task: str, data_dir: Path, tokenizer, s: TaskSettings, with_test: 
     for p in (train_path, test_path):
         if not p.is_file():
             raise SystemExit(f"{p}: missing (set NEUROADA_DATA to the folder holding boolq/ and arc-easy/)")
+    if task == "arc-llm":
+        return load_llm_task(train_path, test_path if with_test else None, tokenizer, s)
     train_recs = bench_records(task, list(read_records(train_path)))
     test_recs = bench_records(task, list(read_records(test_path)) if with_test else train_recs[:1])
     if s.train_limit is not None:
@@ -152,6 +158,36 @@ def load_task(task: str, data_dir: Path, tokenizer, s: TaskSettings, with_test: 
         note["options"] = {str(c): counts.count(c) for c in sorted(set(counts))}
     data.note = note
     return data
+
+
+def load_llm_task(train_path: Path, test_path: Path | None, tokenizer, s: TaskSettings) -> TaskData:
+    """The LLM task (``llm.py``): training examples of the prompt-completion records, and the validation
+    slice and test split as items with their option pairs, for ``evaluate``'s log-likelihood."""
+    from quality import llm
+
+    train_items = llm.load_items(train_path)
+    if s.train_limit is not None:
+        train_items = train_items[: s.train_limit]
+    n_val = max(1, math.ceil(s.val_frac * len(train_items)))
+    n_train = len(train_items) - n_val
+    test_items = llm.load_items(test_path) if test_path is not None else train_items[:1]
+    test_total = len(test_items)
+    if s.test is not None and s.test < len(test_items):
+        test_items = [test_items[i] for i in _subset(len(test_items), s.test, SPLIT_SEED + 1)]
+    vocab = len(tokenizer)
+    train = llm.build_train(train_items[:n_train], tokenizer, s.max_length)
+    val = llm.Scorable(train_items[n_train:], llm.option_pairs(train_items[n_train:], tokenizer, vocab))
+    test = llm.Scorable(test_items, llm.option_pairs(test_items, tokenizer, vocab))
+    counts = [len(it.options) for it in test_items]
+    note = {"train": len(train), "val": len(val), "test": len(test), "test_total": test_total,
+            "truncated_train": train.stats.truncated, "truncated_test": 0, "calibration": 0,
+            "chance_test": sum(1 / c for c in counts) / len(counts),
+            "options": {str(c): counts.count(c) for c in sorted(set(counts))},
+            "longest_train": train.stats.longest,
+            "continuation_mismatches": llm.continuation_mismatches(train_items, llm.option_pairs(
+                train_items, tokenizer, vocab), tokenizer)}
+    return TaskData("arc-llm", list(train), val, test, llm.records_of(train_items[: min(s.calibration, n_train)]),
+                    note)
 
 
 def length_of(ex) -> int:

@@ -162,28 +162,40 @@ def _bar(progress, total: int):
 
 def _loglik(items, pairs, form, tok, s: EvalSettings, progress) -> tuple[dict, list[dict]]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    summary, rows = loglik_accuracy(items, pairs, form.logits, pad_id=min(pad, form_vocab(form) - 1),
+                                    batch_size=s.batch_size, progress=_bar(progress, sum(map(len, pairs))))
+    return {"scoring": "loglik", "prompt_style": s.prompt_style, "form": form.describe(), **summary}, rows
+
+
+def loglik_accuracy(items, pairs, logits_of: Callable[[dict], torch.Tensor], *, pad_id: int, batch_size: int,
+                    progress: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
+    """``(summary, rows)`` of log-likelihood scoring: ``pairs[i]`` holds ``scoring.option_pairs(items[i], ...)``
+    and ``logits_of`` maps a right-padded batch (``input_ids``, ``attention_mask``) to its logits, so any model
+    held in memory (an adapter being trained, a benchmark's) is scored exactly as ``evaluate`` scores a form.
+    The summary holds ``acc`` and ``acc_norm`` (sum log-prob per UTF-8 byte) with their 95% Wilson intervals,
+    and ``gold_nll``: the mean over items of minus the right option's summed log-prob."""
     flat = [p for ps in pairs for p in ps]
     start = time.perf_counter()
-    scores = scoring.loglik_scores(form.logits, flat, pad_id=min(pad, form_vocab(form) - 1),
-                                   batch_size=s.batch_size, progress=_bar(progress, len(flat)))
+    scores = scoring.loglik_scores(logits_of, flat, pad_id=pad_id, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
-    rows, acc, acc_norm, at = [], 0, 0, 0
+    rows, acc, acc_norm, at, nll = [], 0, 0, 0, 0.0
     for it, ps in zip(items, pairs):
         sums = scores[at : at + len(ps)]
         at += len(ps)
         best, best_norm, norm = scoring.pick(sums, it.options)
         acc += best == it.gold
         acc_norm += best_norm == it.gold
+        nll -= sums[it.gold]
         rows.append({"where": it.where, "prompt": it.prompt, "options": it.options, "option_logprob": sums,
                      "option_logprob_per_byte": norm, "extracted": it.options[best], "pred": best,
                      "pred_norm": best_norm, "reference": it.options[it.gold], "gold": it.gold,
                      "correct": best == it.gold, "correct_norm": best_norm == it.gold})
     n = len(items)
     a, an = _accuracy(acc, n), _accuracy(acc_norm, n)
-    summary = {"scoring": "loglik", "prompt_style": s.prompt_style, "form": form.describe(), **a,
-               "acc": a["accuracy"], "acc_norm": an["accuracy"], "acc_norm_correct": acc_norm,
+    summary = {**a, "acc": a["accuracy"], "acc_norm": an["accuracy"], "acc_norm_correct": acc_norm,
                "acc_norm_interval95": an["interval95"], "normalisation": "sum log-prob / option UTF-8 bytes",
-               "interval": "wilson", "unparsed": 0, "seconds": round(seconds, 3)}
+               "interval": "wilson", "unparsed": 0, "gold_nll": nll / n if n else 0.0,
+               "seconds": round(seconds, 3)}
     return summary, rows
 
 
