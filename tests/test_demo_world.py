@@ -1,5 +1,5 @@
 """The LLM demo's data (``train/data/demo_world.py``): deterministic, held-out questions never trained
-on, a scoring rule that means what the README says, and files train-sparse and generate accept."""
+on, a scoring rule that means what docs/commands/demo.md says, and files train-sparse and generate accept."""
 
 from __future__ import annotations
 

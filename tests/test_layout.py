@@ -1,4 +1,4 @@
-"""The shape of the house (README "Development"): small files, no names that shadow the standard
+"""The shape of the house (docs/contributing.md, "Layout"): small files, no names that shadow the standard
 library, one owner for each policy."""
 
 from __future__ import annotations

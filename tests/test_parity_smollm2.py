@@ -93,4 +93,4 @@ def test_broken_smollm2_merges_fail_in_one_line(trained, tmp_path, monkeypatch, 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(
         r"error: parity check failed \(fp32\): merged_vs_fused: max abs \S+ > tolerance 0 .*", lines[0]), r.stderr
-    assert Path(tmp_path / "bad").is_dir()  # written, then refused: left for inspection as the README says
+    assert Path(tmp_path / "bad").is_dir()  # written, then refused: left for inspection (docs/commands/merge.md)

@@ -1,4 +1,4 @@
-"""The README's Python API example runs as written (on a fixture model)."""
+"""The Python code blocks of the Python API guide (docs/python-api.md) run as written (on a fixture model)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
 def test_python_api_snippet(fixture_models, tmp_path, monkeypatch):
-    text = README.read_text()
+    text = PAGE.read_text()
     code = re.search(r"```python\n(import torch\n.*?)```", text, re.S).group(1)
     model_dir = str(fixture_models["llama"])
     code = code.replace('"./Llama-3.2-1B"', repr(model_dir))
@@ -23,7 +23,7 @@ def test_python_api_snippet(fixture_models, tmp_path, monkeypatch):
     )
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(compile(code, "README.md", "exec"), ns)
+    exec(compile(code, "docs/python-api.md", "exec"), ns)
     from neuroada_tools.io.sidecar import read_delta, read_index
 
     index = read_index(tmp_path / "llama.k20.index.safetensors")
@@ -39,7 +39,7 @@ def test_python_api_snippet(fixture_models, tmp_path, monkeypatch):
 
 def test_adapter_api_snippets(fixture_models, tmp_path, monkeypatch):
     """The two snippets of "Adapters on a loaded model" and "NeuroAdaTrainer" run as written."""
-    text = README.read_text()
+    text = PAGE.read_text()
     api = re.search(r"```python\n(import neuroada_tools\n.*?)```", text, re.S).group(1)
     trainer = re.search(r"```python\n(from transformers import TrainingArguments\n.*?)```", text, re.S).group(1)
     model_dir = str(fixture_models["llama"])
@@ -52,7 +52,7 @@ def test_adapter_api_snippets(fixture_models, tmp_path, monkeypatch):
     trainer = trainer.replace("max_steps=500, save_steps=100", "max_steps=4, save_steps=2, use_cpu=True")
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(compile(api, "README.md", "exec"), ns)
+    exec(compile(api, "docs/python-api.md", "exec"), ns)
     from transformers import AutoModelForCausalLM
 
     from neuroada_tools.io.sidecar import read_delta, read_index
@@ -66,6 +66,6 @@ def test_adapter_api_snippets(fixture_models, tmp_path, monkeypatch):
         assert torch.equal(p, q), n  # removed twice: the base again
     ids = torch.randint(3, 300, (8, 10))
     ns["train_data"] = [{"input_ids": r, "labels": r} for r in ids]
-    exec(compile(trainer, "README.md", "exec"), ns)
+    exec(compile(trainer, "docs/python-api.md", "exec"), ns)
     assert (tmp_path / "out" / "checkpoint-4" / "neuroada.delta.safetensors").is_file()
     assert not list((tmp_path / "out").rglob("model*.safetensors"))
