@@ -133,7 +133,8 @@ def score(model, split, pad_id: int, batch_size: int) -> dict:
             return model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
 
     items, pairs = (split.items, split.pairs) if isinstance(split, Scorable) else map(list, zip(*split))
-    summary, _ = loglik_accuracy(items, pairs, logits_of, pad_id=pad_id, batch_size=batch_size)
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA lives in its modules
+    summary, _ = loglik_accuracy(items, pairs, logits_of, pad_id=pad_id, batch_size=batch_size, model=core)
     model.train()
     return {"acc": summary["acc"], "acc_norm": summary["acc_norm"], "loss": summary["gold_nll"],
             "seconds": summary["seconds"]}

@@ -163,20 +163,39 @@ def _bar(progress, total: int):
 def _loglik(items, pairs, form, tok, s: EvalSettings, progress) -> tuple[dict, list[dict]]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     summary, rows = loglik_accuracy(items, pairs, form.logits, pad_id=min(pad, form_vocab(form) - 1),
-                                    batch_size=s.batch_size, progress=_bar(progress, sum(map(len, pairs))))
+                                    batch_size=s.batch_size, progress=_bar(progress, sum(map(len, pairs))),
+                                    model=_shareable(form))
     return {"scoring": "loglik", "prompt_style": s.prompt_style, "form": form.describe(), **summary}, rows
 
 
-def loglik_accuracy(items, pairs, logits_of: Callable[[dict], torch.Tensor], *, pad_id: int, batch_size: int,
-                    progress: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
+def _shareable(form) -> torch.nn.Module | None:
+    """The torch causal LM of ``form`` when its options can share their context's KV cache, else None."""
+    from neuroada_tools.hf.signature import cache_kwarg, forward_params
+
+    model = getattr(form, "model", None)
+    if model is None or "position_ids" not in forward_params(model):
+        return None
+    try:
+        cache_kwarg(model)
+    except ModelError:
+        return None
+    return model
+
+
+def loglik_accuracy(items, pairs, logits_of: Callable[[dict], torch.Tensor] | None, *, pad_id: int,
+                    batch_size: int, progress: Callable[[int], None] | None = None,
+                    model: torch.nn.Module | None = None) -> tuple[dict, list[dict]]:
     """``(summary, rows)`` of log-likelihood scoring: ``pairs[i]`` holds ``scoring.option_pairs(items[i], ...)``
     and ``logits_of`` maps a right-padded batch (``input_ids``, ``attention_mask``) to its logits, so any model
     held in memory (an adapter being trained, a benchmark's) is scored exactly as ``evaluate`` scores a form.
+    With ``model`` (a torch causal LM) the options of an item share one forward of their context
+    (``scoring.loglik_scores_shared``); ``logits_of`` is then unused.
     The summary holds ``acc`` and ``acc_norm`` (sum log-prob per UTF-8 byte) with their 95% Wilson intervals,
     and ``gold_nll``: the mean over items of minus the right option's summed log-prob."""
     flat = [p for ps in pairs for p in ps]
     start = time.perf_counter()
-    scores = scoring.loglik_scores(logits_of, flat, pad_id=pad_id, batch_size=batch_size, progress=progress)
+    scores = (scoring.loglik_scores_shared(model, flat, pad_id=pad_id, progress=progress) if model is not None
+              else scoring.loglik_scores(logits_of, flat, pad_id=pad_id, batch_size=batch_size, progress=progress))
     seconds = time.perf_counter() - start
     rows, acc, acc_norm, at, nll = [], 0, 0, 0, 0.0
     for it, ps in zip(items, pairs):

@@ -120,6 +120,58 @@ def loglik_scores(logits_of: Callable[[dict], torch.Tensor], pairs: Sequence[tup
     return scores
 
 
+def loglik_scores_shared(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int,
+                         progress: Progress = None) -> list[float]:
+    """The sums of :func:`loglik_scores`, computed with one forward per context instead of one per option.
+
+    Consecutive pairs with the same context (the options of one item) form a group: the context runs once
+    with a KV cache, its last logits give each continuation's first token, and the continuations (all but
+    their last token, right-padded) run together on top of the cache, repeated per option, at positions
+    ``len(context) + t``. For ARC-Easy in lm-eval's form (contexts of ~30 tokens, 4 options of ~5) that
+    is ~2.8x fewer tokens (2.5x faster measured on SmolLM2). A torch causal LM that takes a KV cache and
+    ``position_ids`` (every transformers decoder); the sums equal the unshared ones up to float rounding
+    (4e-5 at most over 160 SmolLM2 options).
+    """
+    from neuroada_tools.hf.signature import cache_kwarg, output_cache
+
+    device = next(model.parameters()).device
+    cache_name = cache_kwarg(model)
+    scores = [0.0] * len(pairs)
+    start = 0
+    while start < len(pairs):
+        ctx = pairs[start][0]
+        end = start + 1
+        while end < len(pairs) and pairs[end][0] == ctx:
+            end += 1
+        conts = [pairs[i][1] for i in range(start, end)]
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
+            first = out.logits[0, -1].double().log_softmax(dim=-1).cpu()
+            sums = [float(first[c[0]]) for c in conts]
+            width = max(map(len, conts)) - 1
+            if width > 0:
+                n = len(conts)
+                ids = torch.full((n, width), pad_id, dtype=torch.long)
+                mask = torch.zeros((n, len(ctx) + width), dtype=torch.long)
+                mask[:, : len(ctx)] = 1
+                for b, c in enumerate(conts):
+                    ids[b, : len(c) - 1] = torch.tensor(c[:-1])
+                    mask[b, len(ctx) : len(ctx) + len(c) - 1] = 1
+                past = output_cache(out)
+                past.batch_repeat_interleave(n)
+                positions = torch.arange(len(ctx), len(ctx) + width).expand(n, -1)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device), use_cache=True, **{cache_name: past}).logits
+                for b, c in enumerate(conts):
+                    rows = logits[b, : len(c) - 1].double().log_softmax(dim=-1).cpu()
+                    sums[b] += float(rows.gather(1, torch.tensor(c[1:]).view(-1, 1)).sum())
+        scores[start:end] = sums
+        if progress is not None:
+            progress(end - start)
+        start = end
+    return scores
+
+
 def pick(scores: Sequence[float], options: Sequence[str]) -> tuple[int, int, list[float]]:
     """``(acc choice, acc_norm choice, per-byte scores)``: the first largest sum and sum per UTF-8 byte."""
     norm = [s / max(1, len(o.encode("utf-8"))) for s, o in zip(scores, options)]
