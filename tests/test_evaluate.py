@@ -289,3 +289,32 @@ def test_chat_records_prompt_with_exactly_the_training_ids(tmp_path, chat_tok):
                    + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl line 1: .*unknown role 'robot'"):
         to_items(read_records(bad), "alpaca", path=bad, tokenizer=lambda: tok)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_shared_context_scores_equal_the_batched_ones(fixture_models, name):
+    """``loglik_scores_shared`` (one context forward, options on its KV cache) gives the sums of the batched,
+    right-padded ``loglik_scores``: ragged groups (1, 3 and 5 options), one-token and long continuations,
+    a context repeated in two groups that are not neighbours; and torch forms take that path."""
+    from transformers import AutoModelForCausalLM
+
+    from neuroada_tools.evaluate import scoring
+    from neuroada_tools.evaluate.run import _shareable
+    from neuroada_tools.forms import open_form
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_models[name]).eval()
+    g = torch.Generator().manual_seed(5)
+
+    def ids(n):
+        return torch.randint(3, 200, (n,), generator=g).tolist()
+
+    a, b, c = ids(7), ids(2), ids(11)
+    pairs = [(a, ids(1)), (b, ids(4)), (b, ids(1)), (b, ids(9)), (c, ids(3)), (c, ids(1)), (c, ids(2)), (c, ids(6)),
+             (c, ids(5)), (a, ids(3))]
+    with torch.no_grad():
+        batched = scoring.loglik_scores(lambda x: model(**x).logits, pairs, pad_id=0, batch_size=4)
+    seen = []
+    shared = scoring.loglik_scores_shared(model, pairs, pad_id=0, progress=seen.append)
+    assert shared == pytest.approx(batched, abs=1e-5)
+    assert seen == [1, 3, 5, 1]  # one progress step per context group, counted in options
+    assert _shareable(open_form(model=fixture_models[name])) is not None

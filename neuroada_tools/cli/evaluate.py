@@ -44,7 +44,8 @@ Examples:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score at most N records (after --skip).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Prompts decoded together, or sequences per forward for loglik.")
+              help="Prompts decoded together, or sequences per forward for loglik on ONNX forms (torch forms "
+                   "score an item's options together on one forward of its context).")
 @click.option("--device", default=None, help="torch device for torch forms (cpu, cuda, cuda:1; default: cpu).")
 @click.option("--with-past", is_flag=True, help="ONNX generation: decode with model_with_past.onnx.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
