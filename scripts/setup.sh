@@ -26,4 +26,7 @@ fi
 # train-sparse --quantize and tests/test_quantized.py (the quant extra), pinned to the releases checked
 # on CPU with torch 2.13 (bitsandbytes' 4-bit runs on its CPU fallback path there).
 .venv/bin/python -m pip install -q --disable-pip-version-check "bitsandbytes==0.50.2" "torchao==0.18.0" 2>&1 | grep -v "^WARNING: Location" || true
+# The docs site (tests/test_docs.py builds it with --strict), pinned to a set checked together: a fresh
+# resolve of the extra's ranges once paired pymdown-extensions 13 with mkdocstrings 0.30, which crashes.
+.venv/bin/python -m pip install -q --disable-pip-version-check "mkdocs==1.6.1" "mkdocs-material==9.6.23" "mkdocstrings==0.29.1" "mkdocstrings-python==1.16.12" "pymdown-extensions==10.21.3" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, onnxruntime, triton, mkdocs, neuroada_tools; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
