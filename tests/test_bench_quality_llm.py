@@ -105,7 +105,7 @@ def test_a_short_run_end_to_end(smollm2_dir, data_dir, tmp_path):  # noqa: F811
         assert 0 <= r["test_acc"] <= 1 and 0 <= r["test_acc_norm"] <= 1
     assert tests["zero-shot"]["steps"] == 0 and tests["neuroada-k20-magnitude"]["steps"] == 3
     assert tests["lora-k20"]["r"] == 10
-    assert "| zero-shot | 0 (0.000%) | - | - |" in out.stdout
+    assert "| zero-shot | 0 (0.000%) | val " in out.stdout
     assert "| neuroada-k20-magnitude | 3.11M" in out.stdout and "(reference)" in out.stdout
     assert "acc_norm, mean |" in out.stdout
 

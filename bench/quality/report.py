@@ -85,6 +85,8 @@ def _section(p: dict, recs: list[dict]) -> list[str]:
         planned = {f"{x:.6g}" for x in sweep[0].get("grid", [])} if sweep else set()
         grid = ", ".join(f"{r['lr']:.3g}" + ("+" if planned and f"{r['lr']:.6g}" not in planned else "")
                          + f": {_pct(r['val_acc'])}" + (" (nan)" if r.get("diverged") else "") for r in sweep)
+        if first.get("kind") == "zero-shot":
+            grid = f"val {_pct(first.get('val_acc'))}"
         lr = first["lr"]
         norms = [r["test_acc_norm"] for r in t.values() if r.get("test_acc_norm") is not None]
         edge = " (edge)" if len(sweep) > 2 and lr in (sweep[0]["lr"], sweep[-1]["lr"]) else ""
@@ -102,7 +104,7 @@ def _section(p: dict, recs: list[dict]) -> list[str]:
         lines.append(
             f"| {m}{extra} | {_fmt_count(first['trainable'])} ({share:.3f}%) | {grid or '-'} | "
             f"{f'{lr:.3g}' if lr else '-'}{edge} | "
-            f"**{_pct(mean)} ± {_pct(sd)}** ({n_seeds}) | {seeds} | "
+            f"**{_pct(mean)}{f' ± {_pct(sd)}' if n_seeds > 1 else ''}** ({n_seeds}) | {seeds} | "
             f"{(statistics.mean(losses) if losses else float('nan')):.4f} | {diff} | "
             f"{'n/a' if step is None else f'{step:.0f}'} | {'n/a' if peak is None else f'{peak:.0f}'} |"
             + (f" {_pct(statistics.mean(norms)) if norms else 'n/a'} |" if norm else ""))
