@@ -155,5 +155,6 @@ def _human_index(s: dict) -> str:
         speed = ""  # the time is the calibration's, not reading
     lines.append(f"  {s['seconds']:.1f} s{speed}")
     if s["selection_kernel"] != "native":
-        lines.append("  note: no C compiler found, so the slower torch selection ran (same result; set CC, see README)")
+        lines.append("  note: no C compiler found, so the slower torch selection ran "
+                     "(same result; set CC, see docs/kernels.md)")
     return "\n".join(lines)

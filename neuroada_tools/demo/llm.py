@@ -39,7 +39,7 @@ from neuroada_tools.errors import OptionError
 
 @dataclass
 class LLMDemoSettings:
-    """The demo's knobs; the defaults are the README's measured run."""
+    """The demo's knobs; the defaults are the measured run of docs/commands/demo.md."""
 
     k: int = 20
     lr: float = 1e-2
