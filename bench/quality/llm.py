@@ -1,11 +1,11 @@
 """The LLM task of the quality benchmark: ARC-Easy on SmolLM2-135M-Instruct (``--tasks arc-llm``).
 
 Why this format. At 135M parameters the paper's label format ("the correct answer is answer3",
-scored by generation) leaves every method near chance (zero-shot 1.25%, and 29.0% vs 28.75% for
-NeuroAda k=20 and LoRA r=10 after 120 steps, measured by hand on 400 questions), where a benchmark
-cannot tell methods apart; yet the base model knows much of the task: scored by the log-likelihood of
-each option's text it gets 56.8% (lm-eval's ``arc_easy``). So the methods train on what that scoring
-reads: a prompt-completion record per question,
+scored by generation) leaves every method near chance (zero-shot 1.73% on the whole test split, 2219 of
+2376 unparsed; issue 31's hand runs: 29.0% vs 28.75% for NeuroAda k=20 and LoRA r=10 after 120 steps),
+where a benchmark cannot tell methods apart; yet the base model knows much of the task: scored by the
+log-likelihood of each option's text it gets 51.56% on the whole split (lm-eval's ``arc_easy`` form).
+So the methods train on what that scoring reads: a prompt-completion record per question,
 
     {"prompt": "Question: {question}\\nAnswer:", "completion": " {the right option's text}"}
 

@@ -176,16 +176,17 @@ def load_llm_task(train_path: Path, test_path: Path | None, tokenizer, s: TaskSe
         test_items = [test_items[i] for i in _subset(len(test_items), s.test, SPLIT_SEED + 1)]
     vocab = len(tokenizer)
     train = llm.build_train(train_items[:n_train], tokenizer, s.max_length)
-    val = llm.Scorable(train_items[n_train:], llm.option_pairs(train_items[n_train:], tokenizer, vocab))
+    train_pairs = llm.option_pairs(train_items, tokenizer, vocab)  # once: the validation slice's and the check's
+    val = llm.Scorable(train_items[n_train:], train_pairs[n_train:])
     test = llm.Scorable(test_items, llm.option_pairs(test_items, tokenizer, vocab))
     counts = [len(it.options) for it in test_items]
     note = {"train": len(train), "val": len(val), "test": len(test), "test_total": test_total,
-            "truncated_train": train.stats.truncated, "truncated_test": 0, "calibration": 0,
+            "truncated_train": train.stats.truncated, "truncated_test": 0,
+            "calibration": min(s.calibration, n_train),
             "chance_test": sum(1 / c for c in counts) / len(counts),
             "options": {str(c): counts.count(c) for c in sorted(set(counts))},
             "longest_train": train.stats.longest,
-            "continuation_mismatches": llm.continuation_mismatches(train_items, llm.option_pairs(
-                train_items, tokenizer, vocab), tokenizer)}
+            "continuation_mismatches": llm.continuation_mismatches(train_items, train_pairs, tokenizer)}
     return TaskData("arc-llm", list(train), val, test, llm.records_of(train_items[: min(s.calibration, n_train)]),
                     note)
 
